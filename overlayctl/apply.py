@@ -1,0 +1,603 @@
+"""Carry out plans with real mounts.
+
+Every overlay is built detached (fsopen/fsconfig/fsmount, or mount(2) in a private child
+namespace on older kernels) together with its read-only metadata and the nested mounts it
+has to carry, and only then put into place. Nothing is visible until every hierarchy of the
+invocation has been built; if putting one into place fails, the ones already placed are
+taken down again, so a merge either happens for every hierarchy or for none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import stat
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from overlayctl import kernel as k
+from overlayctl import metadata, mountinfo
+from overlayctl.errors import OverlayctlError, die
+from overlayctl.images import Image
+from overlayctl.paths import inside
+from overlayctl.plan import HierarchyPlan
+from overlayctl.settings import ExtClass, Settings
+
+CLONE_NEWNS = 0x00020000
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+@contextmanager
+def lock(root: str) -> Iterator[None]:
+    """Serialise every overlayctl invocation on one root (upstream has no lock)."""
+    d = os.path.join(root, "run", "overlayctl")
+    try:
+        os.makedirs(d, 0o755, exist_ok=True)
+        fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise die(f"cannot create the lock file in {d}: {e.strerror}",
+                  "run as root on a writable /run") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def workspace() -> Iterator[str]:
+    """A private tmpfs that is mounted nowhere: reachable only through our fd, and through
+    the overlays that use it (ephemeral uppers, metadata layers) once they exist."""
+    fd = k.fsopen("tmpfs")
+    try:
+        k.fsconfig_string(fd, "mode", "0700")
+        k.fsconfig_create(fd)
+        mfd = k.fsmount(fd, k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOSUID)
+    finally:
+        os.close(fd)
+    try:
+        yield f"/proc/self/fd/{mfd}"
+    finally:
+        os.close(mfd)
+
+
+def _unshare_private() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE, None)
+
+
+def _in_child(fn: Any) -> tuple[dict[str, Any], list[int]]:
+    """Run FN in a forked child with a private mount namespace; FN returns (data, fds).
+    The fds (detached mounts) and the JSON data come back over a socket."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            parent_sock.close()
+            _unshare_private()
+            data, fds = fn()
+            payload = json.dumps({"ok": True, **data}).encode()
+        except OverlayctlError as e:
+            payload, fds, code = json.dumps({"ok": False, "error": e.message,
+                                             "hint": e.hint}).encode(), [], 1
+        except OSError as e:
+            payload, fds, code = json.dumps({"ok": False, "error": str(e),
+                                             "hint": None}).encode(), [], 1
+        except BaseException as e:
+            payload, fds, code = json.dumps({"ok": False, "error": repr(e),
+                                             "hint": None}).encode(), [], 1
+        try:
+            socket.send_fds(child_sock, [payload], fds)
+        finally:
+            os._exit(code)
+    child_sock.close()
+    try:
+        msg, fds, _, _ = socket.recv_fds(parent_sock, 1 << 20, 600)
+    finally:
+        parent_sock.close()
+        os.waitpid(pid, 0)
+    data = json.loads(msg.decode() or '{"ok": false, "error": "helper died"}')
+    if not data.get("ok"):
+        for fd in fds:
+            os.close(fd)
+        raise die(data.get("error", "helper failed"), data.get("hint"))
+    return data, list(fds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Who is merged
+
+
+def is_ours(path: str, cls: ExtClass, mounts: list[mountinfo.Mount] | None = None) -> bool:
+    """Upstream's rule: a mount point whose metadata 'dev' equals its st_dev."""
+    if not mountinfo.is_mountpoint(path, mounts):
+        return False
+    dev = metadata.read_dev(path, cls)
+    if dev is None:
+        return False
+    st = os.lstat(path)
+    return (os.major(st.st_dev), os.minor(st.st_dev)) == dev
+
+
+def plain_views(targets: list[str], cls: ExtClass) -> dict[str, PlainView]:
+    """For merged targets: detached mounts through which the plain directory under the
+    overlay can be read and used as a layer, while the overlay stays in place."""
+    if not targets:
+        return {}
+
+    def child() -> tuple[dict[str, Any], list[int]]:
+        rels: list[str] = []
+        fds: list[int] = []
+        for t in targets:
+            while is_ours(t, cls):
+                k.umount(t)
+            if mountinfo.is_mountpoint(t):
+                fds.append(k.open_tree(t))
+                rels.append("")
+            else:
+                fds.append(k.open_tree(os.path.dirname(t)))
+                rels.append(os.path.basename(t))
+        return {"rels": rels}, fds
+
+    data, fds = _in_child(child)
+    return {t: PlainView(fd, rel) for t, fd, rel in zip(targets, fds, data["rels"], strict=True)}
+
+
+@dataclass
+class PlainView:
+    """A detached mount showing the plain directory under a merged hierarchy."""
+
+    fd: int
+    rel: str
+
+    @property
+    def path(self) -> str:
+        base = f"/proc/self/fd/{self.fd}"
+        return os.path.join(base, self.rel) if self.rel else base
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class Built:
+    plan: HierarchyPlan
+    fd: int                                    # the detached overlay
+    meta_dir: str                              # .systemd-* in the workspace
+    pending_binds: list[tuple[int, str]] = field(default_factory=list)  # (fd, rel) to graft
+    created: list[str] = field(default_factory=list)   # persistent dirs this run made
+
+
+def _flags(vfs: list[str]) -> tuple[int, int]:
+    attr = ms = 0
+    for w in vfs:
+        if w in k.VFS_FLAGS:
+            a, m = k.VFS_FLAGS[w]
+            if w in ("noatime", "relatime", "strictatime"):
+                attr &= ~k.MOUNT_ATTR__ATIME
+                ms &= ~(k.MS_NOATIME | k.MS_RELATIME | k.MS_STRICTATIME)
+            attr |= a
+            ms |= m
+        elif w in k.VFS_CLEAR:
+            a, m = k.VFS_FLAGS[k.VFS_CLEAR[w]]
+            attr &= ~a
+            ms &= ~m
+    return attr, ms
+
+
+def _makedirs(path: str, mode: int, created: list[str]) -> None:
+    missing = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(missing):
+        os.mkdir(d, 0o755)
+        created.append(d)
+    os.chmod(path, mode)
+
+
+def _overlay_new_api(plan: HierarchyPlan, source: str, lowers: list[str], upper: str | None,
+                     work: str | None) -> int:
+    fd = k.fsopen("overlay")
+    try:
+        k.fsconfig_string(fd, "source", source)
+        for p in lowers:
+            k.fsconfig_string(fd, "lowerdir+", p)
+        if upper and work:
+            k.fsconfig_string(fd, "upperdir", upper)
+            k.fsconfig_string(fd, "workdir", work)
+        for opt in plan.fs_options:
+            key, sep, value = opt.partition("=")
+            if sep:
+                k.fsconfig_string(fd, key, value)
+            else:
+                k.fsconfig_flag(fd, key)
+        k.fsconfig_create(fd)
+        attr, _ = _flags(plan.vfs_options)
+        return k.fsmount(fd, attr)
+    finally:
+        os.close(fd)
+
+
+def _escape_opt(s: str) -> str:
+    return s.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def _overlay_legacy(plan: HierarchyPlan, source: str, lowers: list[str], upper: str | None,
+                    work: str | None, ws: str, meta_rel: str | None) -> int:
+    """mount(2) in a private child namespace, then cloned out as a detached mount. Layers are
+    given as short relative symlinks, so the option page holds 500 layers and no path needs
+    escaping."""
+    links = os.path.join(ws, "links", os.path.basename(plan.target) or "root")
+    os.makedirs(links)
+    for i, p in enumerate(lowers):
+        os.symlink(p, os.path.join(links, str(i)))
+    if upper and work:
+        os.symlink(upper, os.path.join(links, "u"))
+        os.symlink(work, os.path.join(links, "w"))
+    opts = ["lowerdir=" + ":".join(str(i) for i in range(len(lowers)))]
+    if upper and work:
+        opts += ["upperdir=u", "workdir=w"]
+    opts += [_escape_opt(o) for o in plan.fs_options]
+    data = ",".join(opts)
+    if len(data) >= 4096:
+        raise die(f"the mount options for {plan.hierarchy} exceed one page",
+                  "use a kernel with lowerdir+ (Linux 6.8+) or fewer options")
+    _, ms = _flags(plan.vfs_options)
+
+    def child() -> tuple[dict[str, Any], list[int]]:
+        stage = os.path.join(ws, "stage")
+        os.makedirs(stage, exist_ok=True)
+        # A mount point that lives in this namespace only (the workspace is detached).
+        k.mount("overlayctl", "/tmp", "tmpfs", 0, "mode=0700")
+        os.chdir(links)
+        k.mount(source, "/tmp", "overlay", ms, data)
+        if meta_rel:
+            m = os.path.join("/tmp", meta_rel)
+            k.mount(m, m, None, k.MS_BIND, None)
+            k.mount("none", m, None, k.MS_BIND | k.MS_REMOUNT | k.MS_RDONLY | ms, None)
+        return {}, [k.open_tree("/tmp", recursive=True)]
+
+    _, fds = _in_child(child)
+    return fds[0]
+
+
+def _mount_layers(plan: HierarchyPlan, ws: str,
+                  views: dict[str, PlainView]) -> tuple[list[str], str | None, str | None]:
+    view = views.get(plan.target)
+
+    name = os.path.basename(plan.hierarchy) or "root"
+    lowers: list[str] = []
+    for layer in plan.lowers:
+        if layer.role == "meta":
+            lowers.append(os.path.join(ws, "meta", name))
+        elif layer.role == "filler":
+            lowers.append(os.path.join(ws, "filler", name))
+        else:
+            assert layer.path is not None
+            lowers.append(layer.path)
+    upper = work = None
+    if plan.upper_kind == "ephemeral":
+        upper = os.path.join(ws, "eph", name, "upper")
+        work = os.path.join(ws, "eph", name, "work")
+    elif plan.upper_kind is not None:
+        assert plan.upperdir is not None and plan.workdir is not None
+        upper, work = plan.upperdir, plan.workdir
+        if plan.upper_kind == "host" and view is not None and not view.rel:
+            raise die(f"{plan.target} is a mount point of its own and cannot be its own upper",
+                      "its work directory would be on another mount")
+    return lowers, upper, work
+
+
+def origin_of(settings: Settings, plans: list[HierarchyPlan], accepted: list[Image]) -> dict[str, Any]:
+    root = settings.root
+    exts: dict[str, Any] = {}
+    for img in accepted:
+        st = os.stat(img.path)
+        exts[img.name] = {"path": inside(root, img.path), "inode": st.st_ino, "dev": st.st_dev,
+                          "mtime": st.st_mtime_ns // 1000}
+    mutable: dict[str, Any] = {"mode": settings.mutable}
+    dirs = {p.hierarchy: inside(root, p.mutable_dir) for p in plans if p.mutable_dir}
+    if dirs:
+        mutable["mutableDirs"] = dirs
+    origin: dict[str, Any] = {"mutable": mutable, "extensions": exts}
+    if settings.overlay_options is not None:
+        origin["mountOptions"] = settings.overlay_options
+    origin["noexec"] = settings.noexec
+    origin["hierarchies"] = [p.hierarchy for p in plans if p.merge]
+    return origin
+
+
+def _backing(plan: HierarchyPlan) -> str | None:
+    base = next((layer.path for layer in plan.lowers if layer.role == "base"), None)
+    if base is None:
+        return None
+    dev = os.stat(base).st_dev
+    if os.path.exists(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"):
+        return f"{os.major(dev)}:{os.minor(dev)}"
+    return None
+
+
+def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, Any],
+          views: dict[str, PlainView]) -> Built:
+    cls = settings.cls
+    root = settings.root
+    name = os.path.basename(plan.hierarchy) or "root"
+    created: list[str] = []
+    view = views.get(plan.target)
+
+    def shown(path: str) -> str:
+        """The path as the user knows it (a plain view maps back to the hierarchy)."""
+        if view is not None:
+            fdpath = f"/proc/self/fd/{view.fd}"
+            if path == fdpath or path.startswith(fdpath + "/"):
+                real = os.path.dirname(plan.target) if view.rel else plan.target
+                path = real + path[len(fdpath):]
+        return inside(root, path)
+    try:
+        meta_root = os.path.join(ws, "meta", name)
+        os.makedirs(meta_root)
+        if any(layer.role == "filler" for layer in plan.lowers):
+            os.makedirs(os.path.join(ws, "filler", name))
+        if plan.create_upper:
+            assert plan.upperdir is not None
+            _makedirs(plan.upperdir, plan.top_mode, created)
+        lowers, upper, work = _mount_layers(plan, ws, views)
+        if plan.upper_kind == "ephemeral":
+            assert upper and work
+            os.makedirs(upper)
+            os.chmod(upper, plan.top_mode)
+            os.makedirs(work, 0o700)
+        elif plan.upper_kind is not None:
+            assert work is not None
+            if not os.path.isdir(work):
+                os.mkdir(work, 0o700)
+                created.append(work)
+        else:
+            os.chmod(meta_root, plan.top_mode)
+        work_rel = None
+        if plan.upper_kind in ("persistent", "host") and plan.workdir:
+            work_rel = shown(plan.workdir).lstrip("/")
+        record = {
+            "class": cls.name, "hierarchy": plan.hierarchy, "mode": plan.mode,
+            "upper": plan.upper_kind,
+            "upperdir": shown(plan.upperdir) if plan.upperdir and plan.upper_kind in
+            ("persistent", "host") else None,
+            "workdir": "/" + work_rel if work_rel else None,
+            "layers": [{"role": layer.role, "name": layer.name,
+                        "path": shown(layer.path) if layer.path else None}
+                       for layer in plan.lowers],
+            "overlayctl": True,
+        }
+        meta_dir = metadata.write_meta(meta_root, cls, names=plan.extensions,
+                                       work_dir_rel=work_rel, origin=origin,
+                                       backing=_backing(plan), record=record)
+        source = cls.name
+        if k.have_new_mount_api():
+            fd = _overlay_new_api(plan, source, lowers, upper, work)
+        else:
+            fd = _overlay_legacy(plan, source, lowers, upper, work, ws,
+                                 cls.meta_dir if plan.upper_kind else None)
+        try:
+            metadata.write_dev(meta_dir, os.fstat(fd).st_dev)
+            b = Built(plan, fd, meta_dir, created=created)
+            if plan.upper_kind and k.have_new_mount_api():
+                mfd = k.open_tree(cls.meta_dir, dirfd=fd)
+                k.mount_setattr(mfd, "", k.MOUNT_ATTR_RDONLY)
+                b.pending_binds.append((mfd, cls.meta_dir))
+            return b
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as e:
+        _undo_created(created)
+        raise die(f"cannot build the overlay for {plan.target}: {e.strerror or e}"
+                  + (f" ({e.filename})" if e.filename else ""),
+                  _hint_for(e)) from None
+    except BaseException:
+        _undo_created(created)
+        raise
+
+
+def _hint_for(e: OSError) -> str:
+    return {
+        errno.EXDEV: "upper and work directory must be on the same mount",
+        errno.ELOOP: "a layer lies inside another layer; move the extension out of the hierarchy",
+        errno.EROFS: "the upper directory is on a read-only file system",
+        errno.EPERM: "run as root",
+        errno.EINVAL: "see dmesg for what overlayfs objected to",
+    }.get(e.errno or 0, "see dmesg for details")
+
+
+def _undo_created(created: list[str]) -> None:
+    for d in reversed(created):
+        try:
+            if os.path.basename(d).startswith(".systemd-") and d.endswith("-workdir"):
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                os.rmdir(d)
+        except OSError:
+            pass
+
+
+def _carry_nested(b: Built, mounts: list[mountinfo.Mount]) -> None:
+    """Clone the mounts nested under the hierarchy into the new overlay (v257 semantics)."""
+    target = b.plan.target
+    for m in mountinfo.submounts(mounts, target):
+        rel = os.path.relpath(m.mountpoint, target)
+        if rel.split("/")[0] in (".systemd-sysext", ".systemd-confext"):
+            continue
+        try:
+            fd = k.open_tree(m.mountpoint, recursive=True)
+        except OSError:
+            continue
+        b.pending_binds.append((fd, rel))
+
+
+def _graft(b: Built, attached: bool) -> None:
+    """Put the read-only metadata bind and carried mounts onto the overlay, while it is
+    still detached when the kernel allows it, else right after it is attached."""
+    left: list[tuple[int, str]] = []
+    for fd, rel in b.pending_binds:
+        try:
+            if attached:
+                dest = os.path.join(b.plan.target, rel)
+                if os.path.isdir(dest) or os.path.exists(dest):
+                    k.move_mount(fd, dest)
+                else:
+                    log(f"Not carrying the mount on {dest}: the merged tree has no such path.")
+            else:
+                k.move_mount(fd, rel, to_dirfd=b.fd)
+        except OSError:
+            if attached:
+                log(f"Could not carry the mount on {os.path.join(b.plan.target, rel)}.")
+            else:
+                left.append((fd, rel))
+                continue
+        os.close(fd)
+    b.pending_binds = left
+
+
+# ---------------------------------------------------------------------------------------------
+# Verbs
+
+
+def _remove_workdir(root: str, rel: str | None, hierarchy_name: str) -> None:
+    if not rel:
+        return
+    path = os.path.join(root, rel.lstrip("/"))
+    if os.path.basename(path).startswith(".systemd-") and path.endswith("-workdir"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _detach(target: str, cls: ExtClass, root: str) -> tuple[list[tuple[int, str]], list[str]]:
+    """Take our overlays off TARGET (all stacked ones). Returns the nested mounts (cloned)
+    to put back, and the work dirs to remove."""
+    carried: list[tuple[int, str]] = []
+    workdirs: list[str] = []
+    while is_ours(target, cls):
+        merged = metadata.read_merged(target, cls)
+        mounts = mountinfo.read()
+        for m in mountinfo.submounts(mounts, target):
+            rel = os.path.relpath(m.mountpoint, target)
+            if rel == cls.meta_dir:
+                continue
+            try:
+                carried.append((k.open_tree(m.mountpoint, recursive=True), rel))
+            except OSError:
+                pass
+        k.umount(target)
+        if merged.work_dir:
+            workdirs.append(merged.work_dir)
+    return carried, workdirs
+
+
+def unmerge(settings: Settings) -> int:
+    cls = settings.cls
+    root = settings.root
+    from overlayctl.paths import chase
+    done = 0
+    for h in settings.hierarchies:
+        target = chase(root, h, must_exist=True)
+        if target is None or not os.path.isdir(target):
+            continue
+        if not is_ours(target, cls):
+            continue
+        carried, workdirs = _detach(target, cls, root)
+        for w in workdirs:
+            _remove_workdir(root, w, h)
+        for fd, rel in carried:
+            dest = os.path.join(target, rel)
+            try:
+                if os.path.exists(dest):
+                    k.move_mount(fd, dest)
+            except OSError as e:
+                log(f"Could not put the mount on {dest} back: {e.strerror}")
+            finally:
+                os.close(fd)
+        log(f"Unmerged '{target}'.")
+        done += 1
+    if done == 0:
+        log("No merged hierarchies found." if settings.cls.name == "sysext"
+            else "No merged confext hierarchies found.")
+    return 0
+
+
+def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[str, Any],
+                 views: dict[str, PlainView], replace: bool) -> None:
+    """Build every overlay, then attach them all; on any failure nothing stays changed."""
+    cls = settings.cls
+    built: list[Built] = []
+    attached: list[Built] = []
+    with ExitStack() as stack:
+        ws = stack.enter_context(workspace())
+        try:
+            mounts = mountinfo.read()
+            for plan in plans:
+                if not plan.merge:
+                    continue
+                b = build(settings, plan, ws, origin, views)
+                built.append(b)
+                _carry_nested(b, mounts)
+                _graft(b, attached=False)
+            for b in built:
+                t = b.plan.target
+                if not os.path.lexists(t):
+                    os.makedirs(t, 0o755)
+                    b.created.append(t)
+                if replace and is_ours(t, cls):
+                    old_work = metadata.read_merged(t, cls).work_dir
+                    try:
+                        k.move_mount(b.fd, t, beneath=True)
+                        k.umount(t)
+                    except OSError:
+                        # No MOVE_MOUNT_BENEATH (Linux < 6.5): the upstream order, with a gap.
+                        _detach(t, cls, settings.root)
+                        k.move_mount(b.fd, t)
+                    if old_work and (not b.plan.workdir or inside(
+                            settings.root, b.plan.workdir).lstrip("/") != old_work.lstrip("/")):
+                        _remove_workdir(settings.root, old_work, b.plan.hierarchy)
+                else:
+                    k.move_mount(b.fd, t)
+                attached.append(b)
+                _graft(b, attached=True)
+        except BaseException:
+            for b in reversed(attached):
+                try:
+                    k.umount(b.plan.target)
+                except OSError:
+                    pass
+            for b in built:
+                _undo_created(b.created)
+            raise
+        finally:
+            for b in built:
+                os.close(b.fd)
+                for fd, _ in b.pending_binds:
+                    os.close(fd)
+    for b in attached:
+        log(f"Merged extensions into '{b.plan.target}'.")
+
+
+def fmt_mode(m: int) -> str:
+    return stat.filemode(m)

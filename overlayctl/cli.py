@@ -1,0 +1,278 @@
+"""The command line: verbs and options, as a user of systemd-sysext expects them.
+Errors become one line on stderr and exit status 1; nothing else prints a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import Any, NoReturn
+
+from overlayctl import __version__
+from overlayctl.errors import OverlayctlError, die
+from overlayctl.settings import CLASSES, MUTABLE_MODES, Settings, load_settings, parse_mutable
+
+VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
+HELP = """\
+usage: overlayctl [OPTIONS...] [sysext|confext] [VERB]
+
+Merge system extensions (/usr, /opt) and configuration extensions (/etc) with overlayfs,
+compatible with systemd-sysext and systemd-confext.
+
+Verbs:
+  status            Show the merge state of every hierarchy (default)
+  list              List the extension images that were found
+  merge             Merge extensions into the hierarchies
+  unmerge           Unmerge extensions from the hierarchies
+  refresh           Unmerge and merge again, in one swap
+  help              Show this help
+
+Without sysext or confext, status, list, merge, unmerge and refresh act on both classes.
+
+Options:
+  -h --help             Show this help
+     --version          Show the version
+     --root=PATH        Operate on the tree below PATH instead of /
+     --json=pretty|short|off
+                        Print JSON
+     --no-pager         Do not pipe output into a pager (accepted; overlayctl has none)
+     --no-legend        Do not show headers and footers
+     --mutable=MODE     no, auto, yes, import, ephemeral, ephemeral-import (or help)
+     --force            Merge extensions even when their release files do not match
+     --noexec=BOOL      Force noexec on or off on the merged hierarchies
+     --no-reload        Do not reload the service manager
+     --always-refresh=BOOL
+                        Refresh even when nothing changed
+     --image-policy=POLICY
+                        Accepted for compatibility; raw images are not merged yet
+     --dry-run          With merge or refresh: print the plan, mount nothing
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise die(message, "see overlayctl --help")
+
+
+def _bool(value: str) -> bool:
+    from overlayctl.release import parse_boolean
+    b = parse_boolean(value)
+    if b is None:
+        raise argparse.ArgumentTypeError(f"not a boolean: '{value}'")
+    return b
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="overlayctl", add_help=False)
+    p.add_argument("words", nargs="*")
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--version", action="store_true")
+    p.add_argument("--root", default="/")
+    p.add_argument("--json", choices=("pretty", "short", "off"), default="off")
+    p.add_argument("--no-pager", action="store_true")
+    p.add_argument("--no-legend", action="store_true")
+    p.add_argument("--mutable")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--noexec", type=_bool)
+    p.add_argument("--no-reload", action="store_true")
+    p.add_argument("--always-refresh", type=_bool, default=False)
+    p.add_argument("--image-policy")
+    p.add_argument("--dry-run", action="store_true")
+    return p
+
+
+def _since(us: int | None) -> str:
+    if us is None:
+        return ""
+    return datetime.datetime.fromtimestamp(us / 1e6).strftime("%a %Y-%m-%d %H:%M:%S")
+
+
+def status_rows(s: Settings) -> list[dict[str, Any]]:
+    from overlayctl import metadata, mountinfo
+    from overlayctl.apply import is_ours
+    from overlayctl.paths import chase
+    rows = []
+    mounts = mountinfo.read()
+    for h in s.hierarchies:
+        target = chase(s.root, h, must_exist=True)
+        if target is None or not os.path.isdir(target):
+            continue
+        row: dict[str, Any] = {"hierarchy": h, "extensions": "none", "since": None,
+                               "mutable": None, "upperdir": None, "writable": False}
+        if is_ours(target, s.cls, mounts):
+            merged = metadata.read_merged(target, s.cls)
+            row["extensions"] = merged.names
+            row["since"] = os.stat(target).st_mtime_ns // 1000
+            rec = merged.record or {}
+            origin = merged.origin or {}
+            row["mutable"] = rec.get("mode") or origin.get("mutable", {}).get("mode")
+            top = mountinfo.top_mount(mounts, target)
+            upper = top.super_option("upperdir") if top else None
+            if rec.get("overlayctl"):
+                row["upperdir"] = rec.get("upperdir")
+            elif upper:
+                row["upperdir"] = (upper if s.root == "/" or not upper.startswith(s.root)
+                                   else upper[len(s.root.rstrip("/")):])
+            if row["mutable"] is None:
+                row["mutable"] = "yes" if upper else "no"
+            row["writable"] = bool(upper) and not os.statvfs(target).f_flag & os.ST_RDONLY
+            if rec.get("upper") == "ephemeral":
+                row["upperdir"] = None
+        rows.append(row)
+    return rows
+
+
+def cmd_status(classes: list[str], args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for c in classes:
+        rows.extend(status_rows(_settings(c, args)))
+    rows.sort(key=lambda r: r["hierarchy"])
+    if args.json != "off":
+        from overlayctl.output import emit_json
+        emit_json(rows, args.json)
+        return 0
+    from overlayctl.output import table
+    table(["hierarchy", "extensions", "since", "mutable", "upper"],
+          [[r["hierarchy"],
+            " ".join(r["extensions"]) if isinstance(r["extensions"], list) else "none",
+            _since(r["since"]),
+            r["mutable"] or "",
+            r["upperdir"] or ("(ephemeral)" if r["mutable"] in ("ephemeral", "ephemeral-import")
+                              else "")]
+           for r in rows], legend=not args.no_legend)
+    return 0
+
+
+def cmd_list(classes: list[str], args: argparse.Namespace) -> int:
+    from overlayctl.images import discover
+    rows: list[dict[str, Any]] = []
+    for c in classes:
+        for img in discover(_settings(c, args)):
+            rows.append({"name": img.name, "type": img.type, "path": img.path,
+                         "time": img.mtime_us, "class": c})
+    rows.sort(key=lambda r: r["name"])
+    if args.json != "off":
+        from overlayctl.output import emit_json
+        emit_json(rows, args.json)
+        return 0
+    if not rows:
+        print("No OS extensions found.", file=sys.stderr)
+        return 0
+    from overlayctl.output import table
+    table(["name", "type", "path", "time"],
+          [[r["name"], r["type"], r["path"], _since(r["time"])] for r in rows],
+          legend=not args.no_legend)
+    return 0
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise die("need to be privileged to merge or unmerge", "run as root")
+
+
+def cmd_merge(classes: list[str], args: argparse.Namespace, verb: str) -> int:
+    from overlayctl import engine
+    if not args.dry_run:
+        _require_root()
+    plans: list[dict[str, Any]] = []
+    for c in classes:
+        plans.extend(engine.merge(_settings(c, args), refresh=(verb == "refresh")))
+    if args.dry_run:
+        if args.json != "off":
+            from overlayctl.output import emit_json
+            emit_json(plans, args.json)
+        else:
+            for p in plans:
+                _print_plan(p)
+    return 0
+
+
+def _print_plan(p: dict[str, Any]) -> None:
+    print(f"{p['hierarchy']} -> {p['target']}  (mutable={p['mode']})")
+    if not p["merge"]:
+        print(f"  not merged: {p['skip_reason']}")
+        return
+    if p["upper"]:
+        print(f"  upper  {p['upperdir']}  [{p['upper']}]" + ("  (created)" if p["create_upper"]
+                                                             else ""))
+        print(f"  work   {p['workdir']}")
+    for layer in p["layers"]:
+        label = layer["role"] + (f" {layer['name']}" if layer["name"] else "")
+        print(f"  lower  {layer['path'] or '<private tmpfs>'}  [{label}]")
+    print(f"  options {','.join(p['options']) or '-'}  flags {','.join(p['mount_flags'])}")
+
+
+def cmd_unmerge(classes: list[str], args: argparse.Namespace) -> int:
+    from overlayctl import engine
+    _require_root()
+    for c in reversed(classes):
+        engine.unmerge(_settings(c, args))
+    return 0
+
+
+def _settings(c: str, args: argparse.Namespace) -> Settings:
+    return load_settings(args.root, c, cli_mutable=args.mutable_mode, force=args.force,
+                         noexec=args.noexec, always_refresh=args.always_refresh,
+                         no_reload=args.no_reload, dry_run=args.dry_run,
+                         image_policy=args.image_policy)
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    if args.help:
+        sys.stdout.write(HELP)
+        return 0
+    if args.version:
+        print(f"overlayctl {__version__}")
+        return 0
+    words = list(args.words)
+    classes = list(CLASSES) if not words or words[0] not in CLASSES else [words.pop(0)]
+    verb = words.pop(0) if words else "status"
+    if verb not in VERBS:
+        raise die(f"unknown verb '{verb}'", f"use one of: {', '.join(VERBS)}")
+    if verb == "help":
+        sys.stdout.write(HELP)
+        return 0
+    if words:
+        raise die(f"'{verb}' takes no arguments: {' '.join(words)}", "see overlayctl --help")
+    args.mutable_mode = None
+    if args.mutable is not None:
+        if args.mutable == "help":
+            if not args.no_legend:
+                print("Known mutability modes:")
+            print("\n".join(MUTABLE_MODES))
+            return 0
+        args.mutable_mode = parse_mutable(args.mutable)
+        if args.mutable_mode is None:
+            raise die(f"failed to parse argument to --mutable=: {args.mutable}",
+                      f"use one of {', '.join(MUTABLE_MODES)}, or a boolean")
+    root = os.path.abspath(args.root)
+    if not os.path.isdir(root):
+        raise die(f"--root={args.root}: no such directory", "give an existing directory")
+    args.root = root
+    if verb == "status":
+        return cmd_status(classes, args)
+    if verb == "list":
+        return cmd_list(classes, args)
+    if verb in ("merge", "refresh"):
+        # Merge configuration extensions first: system extensions may need /etc.
+        order = sorted(classes, key=lambda c: c != "confext")
+        return cmd_merge(order, args, verb)
+    return cmd_unmerge(classes, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except OverlayctlError as e:
+        msg = e.message[0].lower() + e.message[1:] if e.message else e.message
+        print(f"overlayctl: {msg}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"overlayctl: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("overlayctl: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,106 @@
+"""The verbs that change things, in upstream's order of operations: discover, read
+metadata, validate, plan, then apply under a lock."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from overlayctl import apply
+from overlayctl.errors import die
+from overlayctl.images import Image, discover, read_metadata
+from overlayctl.paths import chase
+from overlayctl.plan import make_plan
+from overlayctl.release import check_compatible, host_os_release
+from overlayctl.settings import Settings
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def accepted_images(s: Settings) -> list[Image]:
+    images = discover(s)
+    for img in images:
+        read_metadata(s, img)
+    host = host_os_release(s.root)
+    scope = "initrd" if s.initrd else "system"
+    accepted: list[Image] = []
+    ignored = 0
+    for img in images:
+        if img.type != "directory":
+            log(f"Skipping {img.type} image '{img.name}' ({img.path}): overlayctl does not "
+                "mount image files yet; unpack it into a directory extension.")
+            ignored += 1
+            continue
+        if s.force:
+            accepted.append(img)
+            continue
+        if not host.get("ID"):
+            raise die(f"the host os-release in {s.root} has no ID=",
+                      "add ID= to etc/os-release or usr/lib/os-release in the root")
+        reason = check_compatible(img.release.data if img.release and img.release.path else None,
+                                  host, s.cls.info, scope, img.name)
+        if reason:
+            log(f"Ignoring extension '{img.name}': {reason}.")
+            ignored += 1
+            continue
+        accepted.append(img)
+    if accepted:
+        log("Using extensions " + ", ".join(f"'{i.name}'" for i in accepted) + ".")
+    elif s.mutable == "no":
+        log("No suitable extensions found" + (f" ({ignored} ignored due to incompatible "
+                                               "image(s))." if ignored else "."))
+    else:
+        log("No extensions found, proceeding in mutable mode.")
+    return accepted
+
+
+def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
+    """merge or refresh one class. Returns the plans (as JSON) for --dry-run."""
+    with apply.lock(s.root):
+        accepted = accepted_images(s)
+        targets = [t for t in (chase(s.root, h, must_exist=True) for h in s.hierarchies)
+                   if t is not None]
+        merged = [t for t in targets if apply.is_ours(t, s.cls)]
+        if merged and not refresh:
+            raise die(f"hierarchy '{merged[0]}' is already merged",
+                      f"use 'overlayctl {s.cls.name} refresh' or unmerge first")
+        if not accepted and s.mutable == "no":
+            if refresh and merged and not s.dry_run:
+                apply.unmerge(s)
+            return []
+        views = apply.plain_views(merged, s.cls) if merged else {}
+        try:
+            plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t))
+            if s.dry_run:
+                return [p.as_json() for p in plans]
+            origin = apply.origin_of(s, plans, accepted)
+            if refresh and merged and not s.always_refresh and _unchanged(s, merged, origin):
+                log("Skipping extension refresh because no change was found, use "
+                    "--always-refresh=yes to always do a refresh.")
+                return []
+            if refresh:
+                # Hierarchies that are merged now but get no overlay this time.
+                for p in plans:
+                    if not p.merge and p.target in merged:
+                        sub = Settings(**{**s.__dict__, "hierarchies": (p.hierarchy,)})
+                        apply.unmerge(sub)
+            apply.put_in_place(s, plans, origin, views, replace=refresh)
+        finally:
+            for v in views.values():
+                os.close(v.fd)
+        return []
+
+
+def _unchanged(s: Settings, merged: list[str], origin: dict[str, Any]) -> bool:
+    from overlayctl import metadata
+    old = metadata.read_merged(merged[0], s.cls).origin
+    return old == origin and set(origin.get("hierarchies", [])) == {
+        h for h in s.hierarchies if chase(s.root, h, must_exist=True) in merged}
+
+
+def unmerge(s: Settings) -> None:
+    with apply.lock(s.root):
+        apply.unmerge(s)

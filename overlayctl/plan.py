@@ -1,0 +1,278 @@
+"""The plan: for every hierarchy, the exact overlay to build. Pure: it reads the file
+system but never writes to it and never mounts; apply.py carries it out."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from overlayctl.errors import die
+from overlayctl.images import Image
+from overlayctl.paths import chase, inside, is_empty_dir, single_component
+from overlayctl.settings import Settings
+
+MAX_LOWERS = 500
+MUTABLE_DEFAULT_OPTIONS = "redirect_dir=on,noatime,metacopy=off,index=off"
+VFS_WORDS = {"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
+             "relatime", "strictatime", "nodiratime", "diratime"}
+MUTABLE_ROOT = "/var/lib/extensions.mutable"
+
+
+@dataclass
+class Layer:
+    role: str                  # meta, import, extension, base, filler
+    path: str | None           # host path; None for layers in the private workspace
+    name: str | None = None    # the extension name, for role "extension"
+
+    def describe(self) -> str:
+        if self.path is None:
+            return f"<workspace>/{self.role}"
+        return self.path
+
+
+@dataclass
+class HierarchyPlan:
+    hierarchy: str                     # as configured, e.g. /usr
+    target: str                        # host path the overlay is mounted on
+    mode: str                          # mutable mode in force
+    merge: bool                        # False: left unmerged (see skip_reason)
+    skip_reason: str | None = None
+    upper_kind: str | None = None      # persistent, host, ephemeral, or None
+    upperdir: str | None = None        # host path (None for ephemeral: lives in the workspace)
+    workdir: str | None = None
+    create_upper: bool = False         # mode yes: the persistent dir has to be made
+    mutable_dir: str | None = None     # resolved persistent dir consulted, if any
+    lowers: list[Layer] = field(default_factory=list)     # top to bottom
+    fs_options: list[str] = field(default_factory=list)   # overlayfs options (key[=value])
+    vfs_options: list[str] = field(default_factory=list)  # per-mount flags (ro, nodev, ...)
+    extensions: list[str] = field(default_factory=list)   # every accepted name, ascending
+    top_mode: int = 0o755
+    base_used: bool = False
+
+    @property
+    def readonly(self) -> bool:
+        return self.upper_kind is None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "hierarchy": self.hierarchy,
+            "target": self.target,
+            "mode": self.mode,
+            "merge": self.merge,
+            "skip_reason": self.skip_reason,
+            "upper": self.upper_kind,
+            "upperdir": self.upperdir if self.upper_kind != "ephemeral" else "<workspace>/upper",
+            "workdir": self.workdir if self.upper_kind != "ephemeral" else "<workspace>/work",
+            "create_upper": self.create_upper,
+            "lowerdirs": [layer.describe() for layer in self.lowers],
+            "layers": [asdict(layer) for layer in self.lowers],
+            "options": self.fs_options,
+            "mount_flags": self.vfs_options,
+            "readonly": self.readonly,
+            "extensions": self.extensions,
+            "mode_bits": f"{self.top_mode:04o}",
+        }
+
+
+def split_options(text: str) -> list[str]:
+    """Split a comma-separated option string; a backslash escapes the next character."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i + 1])
+            i += 2
+            continue
+        if c == ",":
+            if cur:
+                out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+_LAYER_KEYS = {"lowerdir", "lowerdir+", "upperdir", "workdir", "datadir+"}
+
+
+def _options(settings: Settings, mutable: bool) -> tuple[list[str], list[str]]:
+    cls = settings.cls
+    vfs = ["nodev"]
+    if cls.nosuid:
+        vfs.append("nosuid")
+    noexec = cls.noexec_default if settings.noexec is None else settings.noexec
+    if noexec:
+        vfs.append("noexec")
+    if not mutable:
+        vfs.insert(0, "ro")
+    text = settings.overlay_options
+    if text is None:
+        text = MUTABLE_DEFAULT_OPTIONS if mutable else ""
+    fs: list[str] = []
+    for opt in split_options(text):
+        key = opt.partition("=")[0]
+        if key in _LAYER_KEYS:
+            raise die(f"${cls.env_prefix}_OVERLAYFS_MOUNT_OPTIONS may not set '{key}'",
+                      "layers are chosen by overlayctl; set only options such as metacopy=off")
+        if opt in VFS_WORDS:
+            vfs.append(opt)
+        else:
+            fs.append(opt)
+    return fs, vfs
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _same(a: str, b: str) -> bool:
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = os.path.normpath(a) + "/", os.path.normpath(b) + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+BaseView = Callable[[str], str]
+
+
+def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
+                   base_view: BaseView | None = None) -> HierarchyPlan:
+    """The overlay for one hierarchy. base_view maps the target to a path through which the
+    plain (unmerged) directory can be read, for hierarchies that are merged right now."""
+    root = settings.root
+    mode = settings.mutable
+    name = single_component(hierarchy)
+    target = chase(root, hierarchy) or os.path.join(root, hierarchy.lstrip("/"))
+    view = base_view(target) if base_view else target
+    names = [i.name for i in accepted]
+    p = HierarchyPlan(hierarchy=hierarchy, target=target, mode=mode, merge=True,
+                      extensions=names)
+
+    base_exists = os.path.lexists(view)
+    if base_exists and not os.path.isdir(view):
+        raise die(f"hierarchy {target} is not a directory",
+                  f"make {hierarchy} a directory inside the root, or leave it out")
+    p.top_mode = stat.S_IMODE(os.stat(view).st_mode) if base_exists else 0o755
+    base_nonempty = base_exists and not is_empty_dir(view)
+
+    # Extension layers, topmost (newest) first.
+    ext_layers: list[Layer] = []
+    for img in reversed(accepted):
+        if img.type != "directory":
+            continue
+        lp = chase(img.path, hierarchy, must_exist=True)
+        if lp is None:
+            continue
+        if not os.path.isdir(lp):
+            raise die(f"extension '{img.name}': {inside(img.path, lp)} in {img.path} is not a "
+                      "directory", f"make {hierarchy} a directory in the extension or remove it")
+        if is_empty_dir(lp):
+            continue
+        ext_layers.append(Layer("extension", lp, img.name))
+
+    if not ext_layers and mode == "no":
+        p.merge = False
+        p.skip_reason = "no extension has content for it"
+        return p
+
+    # The persistent mutable dir ("write routing directory").
+    mpath_unresolved = f"{MUTABLE_ROOT}/{name}"
+    mdir = chase(root, mpath_unresolved, must_exist=True)
+    if mdir is not None and not os.path.isdir(mdir):
+        raise die(f"mutable directory {mdir} is not a directory",
+                  f"remove it or make {root.rstrip('/')}{mpath_unresolved} a directory")
+    import_dir: str | None = None
+    if mode in ("yes", "auto"):
+        if mdir is not None:
+            is_host = _same(mdir, view)
+            have = stat.S_IMODE(os.stat(view if is_host else mdir).st_mode)
+            if have != p.top_mode:
+                raise die(f"mutable directory {mdir} has mode {have:04o}, ought to have mode "
+                          f"{p.top_mode:04o} like {hierarchy}",
+                          f"chmod {p.top_mode:04o} {mdir}")
+            p.upper_kind = "host" if is_host else "persistent"
+            p.upperdir = view if is_host else mdir
+            p.mutable_dir = mdir
+        elif mode == "yes":
+            p.upper_kind = "persistent"
+            p.create_upper = True
+            p.upperdir = chase(root, mpath_unresolved)
+            p.mutable_dir = p.upperdir
+    elif mode in ("import", "ephemeral-import"):
+        if mdir is not None:
+            if _same(mdir, view):
+                raise die(f"not importing mutable directory {mdir} for {hierarchy}: it points to "
+                          "the hierarchy itself",
+                          f"use --mutable=yes or auto to make {hierarchy} its own upper layer")
+            import_dir = mdir
+            p.mutable_dir = mdir
+    if mode in ("ephemeral", "ephemeral-import"):
+        p.upper_kind = "ephemeral"
+
+    if p.upper_kind in ("persistent", "host"):
+        assert p.upperdir is not None
+        probe = _nearest_existing(p.upperdir)
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise die(f"can't use {p.upperdir} as an upper directory: it is read-only",
+                      f"make {probe} writable or use --mutable=ephemeral")
+        parent = os.path.dirname(p.upperdir.rstrip("/"))
+        if p.upper_kind == "host" and view != target:
+            parent = os.path.dirname(view)
+        p.workdir = os.path.join(parent, f".systemd-{name}-workdir")
+        if root != "/" and not p.workdir.startswith("/proc/") and not (
+                os.path.normpath(p.workdir).startswith(os.path.normpath(root) + "/")):
+            raise die(f"work directory {p.workdir} would lie outside the root {root}",
+                      f"let {mpath_unresolved} point to a directory inside the root")
+        if not p.create_upper and os.stat(_nearest_existing(parent)).st_dev != os.stat(
+                p.upperdir).st_dev:
+            raise die(f"unable to find a work directory for {p.upperdir}: its parent {parent} is "
+                      "on another file system",
+                      "point the mutable directory at a subdirectory of a mount, not its root")
+
+    lowers: list[Layer] = [Layer("meta", None)]
+    if import_dir:
+        lowers.append(Layer("import", import_dir))
+    lowers.extend(ext_layers)
+    if base_nonempty and p.upper_kind != "host":
+        lowers.append(Layer("base", view))
+        p.base_used = True
+    if p.upper_kind is None and len(lowers) < 2:
+        # The kernel refuses a read-only overlay of one layer; an empty layer keeps the
+        # hierarchy read-only as asked instead of failing the whole merge (upstream does).
+        lowers.append(Layer("filler", None))
+    if len(lowers) > MAX_LOWERS:
+        raise die(f"{hierarchy} would need {len(lowers)} lower layers; the kernel allows "
+                  f"{MAX_LOWERS}", "merge fewer extensions")
+
+    real = [layer.path for layer in lowers if layer.path]
+    fixed = [x for x in (p.upperdir, p.workdir) if x]
+    for a in real:
+        for b in fixed:
+            if _overlaps(a, b):
+                raise die(f"layer {a} overlaps {b} of {hierarchy}",
+                          "keep extensions and mutable directories outside each other")
+    p.lowers = lowers
+    p.fs_options, p.vfs_options = _options(settings, p.upper_kind is not None)
+    return p
+
+
+def make_plan(settings: Settings, accepted: list[Image],
+              base_view: BaseView | None = None) -> list[HierarchyPlan]:
+    return [plan_hierarchy(settings, h, accepted, base_view) for h in settings.hierarchies]

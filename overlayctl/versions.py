@@ -1,0 +1,79 @@
+"""Version comparison as in the UAPI version format specification (systemd's
+strverscmp_improved): segments of digits compare numerically, letters by bytes,
+'~' sorts before everything, '-' before '^' and '.', more segments are newer."""
+
+from __future__ import annotations
+
+import functools
+
+_VALID_EXTRA = "~-^."
+
+
+def _valid(c: str) -> bool:
+    return (c.isascii() and c.isalnum()) or c in _VALID_EXTRA
+
+
+def _cmp(x: int | str | bytes | bool, y: int | str | bytes | bool) -> int:
+    return (x > y) - (x < y)  # type: ignore[operator]
+
+
+def vercmp(a: str, b: str) -> int:
+    """-1, 0 or 1 as a sorts before, equal to or after b."""
+    if not a or not b:
+        return _cmp(a, b)
+    i = j = 0
+    la, lb = len(a), len(b)
+    while True:
+        while i < la and not _valid(a[i]):
+            i += 1
+        while j < lb and not _valid(b[j]):
+            j += 1
+        ca = a[i] if i < la else ""
+        cb = b[j] if j < lb else ""
+        for sep in ("~",):
+            if ca == sep or cb == sep:
+                r = _cmp(ca != sep, cb != sep)
+                if r:
+                    return r
+                i += 1
+                j += 1
+                ca = a[i] if i < la else ""
+                cb = b[j] if j < lb else ""
+        if not ca or not cb:
+            return _cmp(a[i:].encode(), b[j:].encode())
+        for sep in ("-", "^", "."):
+            if ca == sep or cb == sep:
+                r = _cmp(ca != sep, cb != sep)
+                if r:
+                    return r
+                i += 1
+                j += 1
+                ca = a[i] if i < la else ""
+                cb = b[j] if j < lb else ""
+        if (ca.isdigit() and ca.isascii()) or (cb.isdigit() and cb.isascii()):
+            while i < la and a[i] == "0":
+                i += 1
+            while j < lb and b[j] == "0":
+                j += 1
+            ii, jj = i, j
+            while ii < la and a[ii].isascii() and a[ii].isdigit():
+                ii += 1
+            while jj < lb and b[jj].isascii() and b[jj].isdigit():
+                jj += 1
+            r = _cmp(ii != i, jj != j) or _cmp(ii - i, jj - j) or _cmp(a[i:ii], b[j:jj])
+            if r:
+                return r
+        else:
+            ii, jj = i, j
+            while ii < la and a[ii].isascii() and a[ii].isalpha():
+                ii += 1
+            while jj < lb and b[jj].isascii() and b[jj].isalpha():
+                jj += 1
+            n = min(ii - i, jj - j)
+            r = _cmp(a[i:i + n].encode(), b[j:j + n].encode()) or _cmp(ii - i, jj - j)
+            if r:
+                return r
+        i, j = ii, jj
+
+
+version_key = functools.cmp_to_key(vercmp)
