@@ -309,7 +309,8 @@ def _mount_layers(plan: HierarchyPlan, ws: str,
     return lowers, upper, work
 
 
-def origin_of(settings: Settings, plans: list[HierarchyPlan], accepted: list[Image]) -> dict[str, Any]:
+def origin_of(settings: Settings, plans: list[HierarchyPlan],
+              accepted: list[Image]) -> dict[str, Any]:
     root = settings.root
     exts: dict[str, Any] = {}
     for img in accepted:

@@ -138,6 +138,7 @@ def read_metadata(settings: Settings, img: Image) -> None:
         if osr is not None and os.path.lexists(osr):
             raise die(f"extension '{img.name}' ({img.path}) contains usr/lib/os-release, which "
                       "only the host may have",
-                      "remove usr/lib/os-release from the extension; --force does not override this")
+                      "remove usr/lib/os-release from the extension "
+                      "(--force does not override this)")
     img.release = find_extension_release(img.path, img.name, settings.cls.info)
 

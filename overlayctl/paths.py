@@ -32,7 +32,7 @@ def chase(root: str, path: str, *, must_exist: bool = False) -> str | None:
         except FileNotFoundError:
             if must_exist:
                 return None
-            rest = [comp] + list(reversed(todo))
+            rest = [comp, *reversed(todo)]
             return os.path.join(done, *rest)
         except NotADirectoryError:
             return None

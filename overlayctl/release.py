@@ -83,7 +83,9 @@ def _cut_version(name: str) -> str:
 
 
 def valid_image_name(name: str) -> bool:
-    if not name or name in (".", "..") or "/" in name or len(name.encode("utf-8", "surrogateescape")) > 255:
+    if not name or name in (".", "..") or "/" in name:
+        return False
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
         return False
     if name.startswith(".#"):
         return False
