@@ -18,6 +18,7 @@ import shutil
 import socket
 import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ class Built:
     meta_dir: str                              # .systemd-* in the workspace
     pending_binds: list[tuple[int, str]] = field(default_factory=list)  # (fd, rel) to graft
     created: list[str] = field(default_factory=list)   # persistent dirs this run made
+    originals: list[int] = field(default_factory=list)  # O_PATH fds of carried mounts
 
 
 def _flags(vfs: list[str]) -> tuple[int, int]:
@@ -265,20 +267,24 @@ def _overlay_legacy(plan: HierarchyPlan, source: str, lowers: list[str], upper: 
                   "use a kernel with lowerdir+ (Linux 6.8+) or fewer options")
     _, ms = _flags(plan.vfs_options)
 
+    # A fresh empty directory can hide no layer; the mount on it exists only in the child's
+    # private namespace, and the directory is removed again right after.
+    stage = tempfile.mkdtemp(prefix=".overlayctl-stage-",
+                             dir="/run" if os.path.isdir("/run") else None)
+
     def child() -> tuple[dict[str, Any], list[int]]:
-        stage = os.path.join(ws, "stage")
-        os.makedirs(stage, exist_ok=True)
-        # A mount point that lives in this namespace only (the workspace is detached).
-        k.mount("overlayctl", "/tmp", "tmpfs", 0, "mode=0700")
         os.chdir(links)
-        k.mount(source, "/tmp", "overlay", ms, data)
+        k.mount(source, stage, "overlay", ms, data)
         if meta_rel:
-            m = os.path.join("/tmp", meta_rel)
+            m = os.path.join(stage, meta_rel)
             k.mount(m, m, None, k.MS_BIND, None)
             k.mount("none", m, None, k.MS_BIND | k.MS_REMOUNT | k.MS_RDONLY | ms, None)
-        return {}, [k.open_tree("/tmp", recursive=True)]
+        return {}, [k.open_tree(stage, recursive=True)]
 
-    _, fds = _in_child(child)
+    try:
+        _, fds = _in_child(child)
+    finally:
+        os.rmdir(stage)
     return fds[0]
 
 
@@ -450,9 +456,11 @@ def _carry_nested(b: Built, mounts: list[mountinfo.Mount]) -> None:
             continue
         try:
             fd = k.open_tree(m.mountpoint, recursive=True)
+            orig = k.open_tree(m.mountpoint, clone=False)
         except OSError:
             continue
         b.pending_binds.append((fd, rel))
+        b.originals.append(orig)
 
 
 def _graft(b: Built, attached: bool) -> None:
@@ -582,6 +590,12 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                     k.move_mount(b.fd, t)
                 attached.append(b)
                 _graft(b, attached=True)
+                for orig in b.originals:
+                    # The carried mounts now live in the overlay; the originals are covered.
+                    try:
+                        k.umount(f"/proc/self/fd/{orig}", k.MNT_DETACH)
+                    except OSError as e:
+                        log(f"Could not detach a covered nested mount: {e.strerror}")
         except BaseException:
             for b in reversed(attached):
                 try:
@@ -595,6 +609,8 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
             for b in built:
                 os.close(b.fd)
                 for fd, _ in b.pending_binds:
+                    os.close(fd)
+                for fd in b.originals:
                     os.close(fd)
     for b in attached:
         log(f"Merged extensions into '{b.plan.target}'.")

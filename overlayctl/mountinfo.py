@@ -61,9 +61,12 @@ def is_mountpoint(path: str, mounts: list[Mount] | None = None) -> bool:
 
 
 def submounts(mounts: list[Mount], path: str) -> list[Mount]:
-    """Mounts directly on top of the mount at PATH below PATH (not PATH itself), in order."""
-    top = top_mount(mounts, path)
-    if top is None:
-        return []
+    """The mounts nested below PATH (not on PATH itself) that are visible there and not
+    themselves nested in another of them, in mount order."""
     prefix = path.rstrip("/") + "/"
-    return [m for m in mounts if m.parent == top.id and m.mountpoint.startswith(prefix)]
+    top = top_mount(mounts, path)
+    if top is not None:
+        return [m for m in mounts if m.parent == top.id and m.mountpoint.startswith(prefix)]
+    below = [m for m in mounts if m.mountpoint.startswith(prefix)]
+    ids = {m.id for m in below}
+    return [m for m in below if m.parent not in ids]
