@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from overlayctl import kernel as k
-from overlayctl import metadata, mountinfo
+from overlayctl import metadata, mountinfo, state
 from overlayctl.errors import OverlayctlError, die
 from overlayctl.images import Image
 from overlayctl.paths import inside
@@ -43,9 +43,20 @@ def log(msg: str) -> None:
 # Resources
 
 
+_held: dict[str, int] = {}
+
+
 @contextmanager
 def lock(root: str) -> Iterator[None]:
-    """Serialise every overlayctl invocation on one root (upstream has no lock)."""
+    """Serialise every overlayctl invocation on one root (upstream has no lock).
+    Re-entrant within one process."""
+    if _held.get(root):
+        _held[root] += 1
+        try:
+            yield
+        finally:
+            _held[root] -= 1
+        return
     d = os.path.join(root, "run", "overlayctl")
     try:
         os.makedirs(d, 0o755, exist_ok=True)
@@ -55,8 +66,10 @@ def lock(root: str) -> Iterator[None]:
                   "run as root on a writable /run") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[root] = 1
         yield
     finally:
+        _held[root] = 0
         os.close(fd)
 
 
@@ -187,6 +200,7 @@ class Built:
     pending_binds: list[tuple[int, str]] = field(default_factory=list)  # (fd, rel) to graft
     created: list[str] = field(default_factory=list)   # persistent dirs this run made
     originals: list[int] = field(default_factory=list)  # O_PATH fds of carried mounts
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _flags(vfs: list[str]) -> tuple[int, int]:
@@ -395,6 +409,9 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
                         "path": shown(layer.path) if layer.path else None}
                        for layer in plan.lowers],
             "overlayctl": True,
+            "noexec": settings.noexec,
+            "defaults": next((shown(layer.path) for layer in plan.lowers
+                              if layer.role == "defaults" and layer.path), None),
         }
         meta_dir = metadata.write_meta(meta_root, cls, names=plan.extensions,
                                        work_dir_rel=work_rel, origin=origin,
@@ -407,7 +424,7 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
                                  cls.meta_dir if plan.upper_kind else None)
         try:
             metadata.write_dev(meta_dir, os.fstat(fd).st_dev)
-            b = Built(plan, fd, meta_dir, created=created)
+            b = Built(plan, fd, meta_dir, created=created, record=record)
             if plan.upper_kind and k.have_new_mount_api():
                 mfd = k.open_tree(cls.meta_dir, dirfd=fd)
                 k.mount_setattr(mfd, "", k.MOUNT_ATTR_RDONLY)
@@ -439,7 +456,7 @@ def _hint_for(e: OSError) -> str:
 def _undo_created(created: list[str]) -> None:
     for d in reversed(created):
         try:
-            if os.path.basename(d).startswith(".systemd-") and d.endswith("-workdir"):
+            if os.path.basename(d).startswith(".systemd-") and "-workdir" in d:
                 shutil.rmtree(d, ignore_errors=True)
             else:
                 os.rmdir(d)
@@ -495,7 +512,8 @@ def _remove_workdir(root: str, rel: str | None, hierarchy_name: str) -> None:
     if not rel:
         return
     path = os.path.join(root, rel.lstrip("/"))
-    if os.path.basename(path).startswith(".systemd-") and path.endswith("-workdir"):
+    if os.path.basename(path).startswith(".systemd-") and path.endswith(("-workdir",
+                                                                        "-workdir.1")):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -583,8 +601,8 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                         # No MOVE_MOUNT_BENEATH (Linux < 6.5): the upstream order, with a gap.
                         _detach(t, cls, settings.root)
                         k.move_mount(b.fd, t)
-                    if old_work and (not b.plan.workdir or inside(
-                            settings.root, b.plan.workdir).lstrip("/") != old_work.lstrip("/")):
+                    new_work = (b.record.get("workdir") or "").lstrip("/")
+                    if old_work and new_work != old_work.lstrip("/"):
                         _remove_workdir(settings.root, old_work, b.plan.hierarchy)
                 else:
                     k.move_mount(b.fd, t)
@@ -614,6 +632,10 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                     os.close(fd)
     for b in attached:
         log(f"Merged extensions into '{b.plan.target}'.")
+        try:
+            state.save_record(settings.root, cls.name, b.plan.hierarchy, b.record)
+        except OSError as e:
+            log(f"Could not save the merge record of {b.plan.hierarchy}: {e.strerror}")
 
 
 def fmt_mode(m: int) -> str:

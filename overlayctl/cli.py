@@ -11,9 +11,17 @@ from typing import Any, NoReturn
 
 from overlayctl import __version__
 from overlayctl.errors import OverlayctlError, die
-from overlayctl.settings import CLASSES, MUTABLE_MODES, Settings, load_settings, parse_mutable
+from overlayctl.settings import (
+    CLASSES,
+    MUTABLE_MODES,
+    Settings,
+    load_settings,
+    parse_defaults_arg,
+    parse_mutable,
+)
 
 VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
+LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup")
 HELP = """\
 usage: overlayctl [OPTIONS...] [sysext|confext] [VERB]
 
@@ -27,6 +35,16 @@ Verbs:
   unmerge           Unmerge extensions from the hierarchies
   refresh           Unmerge and merge again, in one swap
   help              Show this help
+
+Local changes against the layers below the upper (merged or not; see docs/defaults.md):
+  diff [PATH...]    Entries of the upper: added, modified, identical, deleted, opaque,
+                    type-changed, with the layer they shadow and default_changed
+  which PATH        Which layer provides PATH
+  reset PATH...     Drop the local copy or whiteout: back to what the layers below provide
+  pin PATH...       Copy a default up and keep it, even when identical (unpin: undo)
+  cleanup [HIERARCHY...]
+                    Drop identical copies, whiteouts of KeepDefaults paths, stale opaque
+                    markers
 
 Without sysext or confext, status, list, merge, unmerge and refresh act on both classes.
 
@@ -46,7 +64,12 @@ Options:
                         Refresh even when nothing changed
      --image-policy=POLICY
                         Accepted for compatibility; raw images are not merged yet
-     --dry-run          With merge or refresh: print the plan, mount nothing
+     --dry-run          With merge or refresh: print the plan, mount nothing;
+                        with reset or cleanup: say what would be done
+     --defaults=[HIERARCHY=]DIR
+                        A tree of OS defaults (inside the root) as the lowest layer;
+                        without HIERARCHY= it is for /etc
+     --content          With diff: print a unified diff of each modified file
 """
 
 
@@ -79,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--always-refresh", type=_bool, default=False)
     p.add_argument("--image-policy")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--defaults", action="append", default=[])
+    p.add_argument("--content", action="store_true")
     return p
 
 
@@ -99,7 +124,8 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
         if target is None or not os.path.isdir(target):
             continue
         row: dict[str, Any] = {"hierarchy": h, "extensions": "none", "since": None,
-                               "mutable": None, "upperdir": None, "writable": False}
+                               "mutable": None, "upperdir": None, "writable": False,
+                               "defaults": None}
         if is_ours(target, s.cls, mounts):
             merged = metadata.read_merged(target, s.cls)
             row["extensions"] = merged.names
@@ -119,6 +145,7 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
             row["writable"] = bool(upper) and not os.statvfs(target).f_flag & os.ST_RDONLY
             if rec.get("upper") == "ephemeral":
                 row["upperdir"] = None
+            row["defaults"] = rec.get("defaults")
         rows.append(row)
     return rows
 
@@ -176,8 +203,17 @@ def cmd_merge(classes: list[str], args: argparse.Namespace, verb: str) -> int:
     if not args.dry_run:
         _require_root()
     plans: list[dict[str, Any]] = []
+    done: list[str] = []
     for c in classes:
-        plans.extend(engine.merge(_settings(c, args), refresh=(verb == "refresh")))
+        try:
+            plans.extend(engine.merge(_settings(c, args), refresh=(verb == "refresh")))
+        except OverlayctlError:
+            if verb == "merge" and not args.dry_run:
+                # All or nothing across classes too: undo the classes this call merged.
+                for d in reversed(done):
+                    engine.unmerge(_settings(d, args))
+            raise
+        done.append(c)
     if args.dry_run:
         if args.json != "off":
             from overlayctl.output import emit_json
@@ -215,7 +251,7 @@ def _settings(c: str, args: argparse.Namespace) -> Settings:
     return load_settings(args.root, c, cli_mutable=args.mutable_mode, force=args.force,
                          noexec=args.noexec, always_refresh=args.always_refresh,
                          no_reload=args.no_reload, dry_run=args.dry_run,
-                         image_policy=args.image_policy)
+                         image_policy=args.image_policy, defaults=args.defaults_map)
 
 
 def run(argv: list[str]) -> int:
@@ -229,8 +265,17 @@ def run(argv: list[str]) -> int:
     words = list(args.words)
     classes = list(CLASSES) if not words or words[0] not in CLASSES else [words.pop(0)]
     verb = words.pop(0) if words else "status"
+    args.defaults_map = parse_defaults_arg(args.defaults, classes)
+    if verb in LOCAL_VERBS:
+        root = os.path.abspath(args.root)
+        if not os.path.isdir(root):
+            raise die(f"--root={args.root}: no such directory", "give an existing directory")
+        args.root = root
+        from overlayctl import localcli
+        return localcli.run(verb, words, args)
     if verb not in VERBS:
-        raise die(f"unknown verb '{verb}'", f"use one of: {', '.join(VERBS)}")
+        raise die(f"unknown verb '{verb}'",
+                  f"use one of: {', '.join(VERBS + LOCAL_VERBS)}")
     if verb == "help":
         sys.stdout.write(HELP)
         return 0
@@ -276,3 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("overlayctl: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("OVERLAYCTL_DEBUG") == "1":
+            raise
+        print(f"overlayctl: internal error: {e!r} (this is a bug; OVERLAYCTL_DEBUG=1 shows "
+              "where)", file=sys.stderr)
+        return 1

@@ -11,7 +11,7 @@ from overlayctl import apply
 from overlayctl.errors import die
 from overlayctl.images import Image, discover, read_metadata
 from overlayctl.paths import chase
-from overlayctl.plan import make_plan
+from overlayctl.plan import HierarchyPlan, make_plan
 from overlayctl.release import check_compatible, host_os_release
 from overlayctl.settings import Settings
 
@@ -74,6 +74,8 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
         views = apply.plain_views(merged, s.cls) if merged else {}
         try:
             plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t))
+            for p in plans:
+                _own_workdir(s, p, merged)
             if s.dry_run:
                 return [p.as_json() for p in plans]
             origin = apply.origin_of(s, plans, accepted)
@@ -87,7 +89,13 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
                     if not p.merge and p.target in merged:
                         sub = Settings(**{**s.__dict__, "hierarchies": (p.hierarchy,)})
                         apply.unmerge(sub)
+            from overlayctl.local import update_manifest
+            for p in plans:
+                if p.merge:
+                    update_manifest(s.root, s.cls, p)
             apply.put_in_place(s, plans, origin, views, replace=refresh)
+            if any(p.merge for p in plans):
+                maybe_reload(s, accepted)
         finally:
             for v in views.values():
                 os.close(v.fd)
@@ -104,3 +112,39 @@ def _unchanged(s: Settings, merged: list[str], origin: dict[str, Any]) -> bool:
 def unmerge(s: Settings) -> None:
     with apply.lock(s.root):
         apply.unmerge(s)
+
+
+def maybe_reload(s: Settings, images: list[Image]) -> None:
+    """EXTENSION_RELOAD_MANAGER=1 in a merged extension: reload the service manager, unless
+    --no-reload or --root (which implies it), and only where systemd runs."""
+    from overlayctl.release import parse_boolean
+    if s.no_reload or s.root != "/" or not os.path.isdir("/run/systemd/system"):
+        return
+    want = False
+    for img in images:
+        value = img.release.data.get("EXTENSION_RELOAD_MANAGER") if img.release else None
+        if value is None:
+            continue
+        b = parse_boolean(value)
+        if b is None:
+            log(f"Ignoring EXTENSION_RELOAD_MANAGER={value} of '{img.name}': not a boolean.")
+        want = want or bool(b)
+    if want:
+        import subprocess
+        r = subprocess.run(["systemctl", "daemon-reload"], check=False)
+        if r.returncode != 0:
+            raise die("the service manager could not be reloaded (systemctl daemon-reload "
+                      "failed)", "check 'journalctl -b' and reload by hand")
+
+
+def _own_workdir(s: Settings, p: HierarchyPlan, merged: list[str]) -> None:
+    """A refresh gives the new overlay a work dir of its own: mounting over a work dir that
+    the old overlay still uses would pull its 'work' directory out from under it."""
+    if not p.workdir or p.target not in merged:
+        return
+    from overlayctl import metadata
+    old = metadata.read_merged(p.target, s.cls).work_dir
+    if old and os.path.basename(old) == os.path.basename(p.workdir):
+        base = os.path.basename(p.workdir)
+        alt = base[:-2] if base.endswith(".1") else base + ".1"
+        p.workdir = os.path.join(os.path.dirname(p.workdir), alt)

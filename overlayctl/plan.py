@@ -22,7 +22,7 @@ MUTABLE_ROOT = "/var/lib/extensions.mutable"
 
 @dataclass
 class Layer:
-    role: str                  # meta, import, extension, base, filler
+    role: str                  # meta, import, extension, base, defaults, filler
     path: str | None           # host path; None for layers in the private workspace
     name: str | None = None    # the extension name, for role "extension"
 
@@ -187,7 +187,20 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             continue
         ext_layers.append(Layer("extension", lp, img.name))
 
-    if not ext_layers and mode == "no":
+    defaults: str | None = None
+    if hierarchy in settings.defaults:
+        defaults = chase(root, settings.defaults[hierarchy], must_exist=True)
+        if defaults is None or not os.path.isdir(defaults):
+            raise die(f"defaults directory {settings.defaults[hierarchy]} for {hierarchy} does "
+                      f"not exist in {root}",
+                      "give --defaults=DIR a directory inside the root, or drop the setting")
+        if _overlaps(defaults, target):
+            raise die(f"defaults directory {defaults} lies inside or above {target}",
+                      f"keep the defaults outside {hierarchy}, e.g. in /usr/share/factory")
+        if is_empty_dir(defaults):
+            defaults = None
+
+    if not ext_layers and mode == "no" and defaults is None:
         p.merge = False
         p.skip_reason = "no extension has content for it"
         return p
@@ -199,9 +212,13 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
         raise die(f"mutable directory {mdir} is not a directory",
                   f"remove it or make {root.rstrip('/')}{mpath_unresolved} a directory")
     import_dir: str | None = None
+
+    def is_hierarchy(d: str) -> bool:
+        return os.path.normpath(d) == os.path.normpath(target) or _same(d, view)
+
     if mode in ("yes", "auto"):
         if mdir is not None:
-            is_host = _same(mdir, view)
+            is_host = is_hierarchy(mdir)
             have = stat.S_IMODE(os.stat(view if is_host else mdir).st_mode)
             if have != p.top_mode:
                 raise die(f"mutable directory {mdir} has mode {have:04o}, ought to have mode "
@@ -217,7 +234,7 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             p.mutable_dir = p.upperdir
     elif mode in ("import", "ephemeral-import"):
         if mdir is not None:
-            if _same(mdir, view):
+            if is_hierarchy(mdir):
                 raise die(f"not importing mutable directory {mdir} for {hierarchy}: it points to "
                           "the hierarchy itself",
                           f"use --mutable=yes or auto to make {hierarchy} its own upper layer")
@@ -253,6 +270,9 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     if base_nonempty and p.upper_kind != "host":
         lowers.append(Layer("base", view))
         p.base_used = True
+    if defaults is not None:
+        # Lowest of all: host content beats defaults, extensions beat both.
+        lowers.append(Layer("defaults", defaults))
     if p.upper_kind is None and len(lowers) < 2:
         # The kernel refuses a read-only overlay of one layer; an empty layer keeps the
         # hierarchy read-only as asked instead of failing the whole merge (upstream does).

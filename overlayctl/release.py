@@ -53,7 +53,7 @@ def parse_env_file(path: str) -> dict[str, str]:
         return parse_env_text(f.read())
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassInfo:
     """What differs between system and configuration extensions."""
 

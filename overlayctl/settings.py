@@ -50,7 +50,7 @@ CLASSES: dict[str, ExtClass] = {
         "SYSTEMD_CONFEXT", "ConfExt", ".systemd-confext", "confexts", True, True),
 }
 
-CONF_DIRS = ("/etc/systemd", "/run/systemd", "/usr/local/lib/systemd", "/usr/lib/systemd")
+CONF_PARENTS = ("/etc", "/run", "/usr/local/lib", "/usr/lib")
 
 
 def parse_mutable(value: str) -> str | None:
@@ -80,19 +80,17 @@ def parse_hierarchies(value: str, env: str) -> tuple[str, ...]:
     return tuple(items)
 
 
-def read_config(root: str, cls: ExtClass) -> dict[str, str]:
-    """[SysExt]/[ConfExt] settings from sysext.conf/confext.conf and their .d drop-ins,
-    as systemd reads them: the first main file found, then drop-ins sorted by file name
-    (a name in an earlier directory masks the same name in a later one)."""
-    base = f"{cls.name}.conf"
+def read_ini(root: str, base: str, section: str) -> dict[str, str]:
+    """KEY=VALUE settings of [SECTION] from BASE (a path below each of CONF_DIRS' parents:
+    /etc, /run, /usr/local/lib, /usr/lib) and BASE.d/*.conf drop-ins, systemd style."""
     files: list[str] = []
-    for d in CONF_DIRS:
+    for d in CONF_PARENTS:
         p = chase(root, f"{d}/{base}", must_exist=True)
         if p and os.path.isfile(p):
             files.append(p)
             break
     dropins: dict[str, str] = {}
-    for d in CONF_DIRS:
+    for d in CONF_PARENTS:
         dd = chase(root, f"{d}/{base}.d", must_exist=True)
         if not dd or not os.path.isdir(dd):
             continue
@@ -108,19 +106,24 @@ def read_config(root: str, cls: ExtClass) -> dict[str, str]:
         except OSError as e:
             warn(f"cannot read {f}: {e.strerror}; ignoring it")
             continue
-        section = None
+        current = None
         for line in text.splitlines():
             line = line.strip()
             if not line or line[0] in "#;":
                 continue
             if line.startswith("[") and line.endswith("]"):
-                section = line[1:-1]
+                current = line[1:-1]
                 continue
-            if section != cls.section or "=" not in line:
+            if current != section or "=" not in line:
                 continue
             k, _, v = line.partition("=")
             result[k.strip()] = v.strip()
     return result
+
+
+def read_config(root: str, cls: ExtClass) -> dict[str, str]:
+    """[SysExt]/[ConfExt] of systemd's sysext.conf/confext.conf and drop-ins."""
+    return read_ini(root, f"systemd/{cls.name}.conf", cls.section)
 
 
 @dataclass
@@ -141,6 +144,8 @@ class Settings:
     image_policy: str | None = None
     initrd: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    defaults: dict[str, str] = field(default_factory=dict)   # hierarchy -> dir inside root
+    keep_defaults: tuple[str, ...] = ()                       # cleanup: never keep whiteouts
 
     @property
     def search_dirs(self) -> tuple[str, ...]:
@@ -150,7 +155,8 @@ class Settings:
 def load_settings(root: str, class_name: str, *, cli_mutable: str | None = None,
                   force: bool = False, noexec: bool | None = None, always_refresh: bool = False,
                   no_reload: bool = False, dry_run: bool = False,
-                  image_policy: str | None = None) -> Settings:
+                  image_policy: str | None = None,
+                  defaults: dict[str, str] | None = None) -> Settings:
     cls = CLASSES[class_name]
     env_h = f"{cls.env_prefix}_HIERARCHIES"
     hv = os.environ.get(env_h)
@@ -180,4 +186,35 @@ def load_settings(root: str, class_name: str, *, cli_mutable: str | None = None,
     if "ImagePolicy" in conf and s.image_policy is None:
         s.image_policy = conf["ImagePolicy"]
     s.extra = conf
+    ours = f"overlayctl/{cls.name}.conf"
+    for h, d in read_ini(root, ours, "Defaults").items():
+        if h in hierarchies:
+            s.defaults[h] = d
+        else:
+            warn(f"ignoring [Defaults] {h}= in {ours}: not a hierarchy of {cls.name}")
+    for h, d in (defaults or {}).items():
+        h = h or ("/etc" if cls.name == "confext" else "")
+        if h in hierarchies:
+            s.defaults[h] = d
+    keep = read_ini(root, ours, "Cleanup").get("KeepDefaults", "")
+    s.keep_defaults = tuple(keep.split())
     return s
+
+
+def parse_defaults_arg(values: list[str], class_names: list[str]) -> dict[str, str]:
+    """--defaults=DIR or --defaults=HIERARCHY=DIR (repeatable). Without HIERARCHY= it is for
+    /etc (confext); system extensions need the hierarchy named."""
+    out: dict[str, str] = {}
+    for v in values:
+        h, sep, d = v.partition("=")
+        if sep and h.startswith("/") and d.startswith("/"):
+            out[h] = d
+        elif v.startswith("/"):
+            if class_names == ["sysext"]:
+                raise die(f"--defaults={v}: say which hierarchy it is for",
+                          f"use --defaults=/usr={v} (a bare DIR is for /etc)")
+            out[""] = v
+        else:
+            raise die(f"--defaults={v}: not an absolute path inside the root",
+                      "use --defaults=/usr/share/factory/etc or --defaults=/etc=/usr/share/...")
+    return out

@@ -1,0 +1,103 @@
+"""CLI side of the local-change verbs: diff, which, reset, pin, unpin, cleanup."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from typing import Any
+
+from overlayctl import local
+from overlayctl.errors import die
+from overlayctl.output import emit_json, table
+from overlayctl.upper import lower_entry
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise die("need to be privileged to change layers", "run as root")
+
+
+def run(verb: str, words: list[str], args: argparse.Namespace) -> int:
+    root = args.root
+    if verb == "diff":
+        rows = local.diff(root, words)
+        if args.content:
+            return _content(root, words, rows)
+        if args.json != "off":
+            emit_json(rows, args.json)
+        elif rows:
+            table(["change", "path", "layer", "default changed"],
+                  [[r["change"], r["path"],
+                    (r["layer"] or "-") + (f" ({r['extension']})" if r["extension"] else ""),
+                    "yes" if r["default_changed"] else ""] for r in rows],
+                  legend=not args.no_legend)
+        else:
+            print("No local changes.", file=sys.stderr)
+        return 0
+    if verb == "which":
+        if len(words) != 1:
+            raise die("which takes exactly one PATH", "e.g. overlayctl which /etc/hosts")
+        r = local.which(root, words[0])
+        if args.json != "off":
+            emit_json(r, args.json)
+        else:
+            label = r["layer"] + (f" {r['extension']}" if r["extension"] else "")
+            print(f"{r['path']}: {label} ({r['source']})")
+        return 0
+    _require_root()
+    from overlayctl.apply import lock
+    with lock(root):
+        return _change(verb, words, args)
+
+
+def _change(verb: str, words: list[str], args: argparse.Namespace) -> int:
+    root = args.root
+    actions: list[local.Action]
+    if verb == "reset":
+        if not words:
+            raise die("reset needs at least one PATH", "e.g. overlayctl reset /etc/hosts")
+        actions = local.reset(root, words, args.dry_run)
+    elif verb in ("pin", "unpin"):
+        if not words:
+            raise die(f"{verb} needs at least one PATH", f"e.g. overlayctl {verb} /etc/hosts")
+        actions = local.pin(root, words, unpin=(verb == "unpin"))
+    else:
+        actions = local.cleanup(root, words, args.dry_run)
+    done: list[dict[str, Any]] = [a.as_json() for a in actions]
+    if args.json != "off":
+        emit_json(done, args.json)
+    else:
+        prefix = "would be " if args.dry_run else ""
+        for r in done:
+            print(f"{r['path']}: {prefix}{r['action']}" + (f" ({r['detail']})" if r["detail"]
+                                                           else ""))
+        if not done:
+            print("Nothing to do.", file=sys.stderr)
+    return 0
+
+
+def _content(root: str, words: list[str], rows: list[dict[str, Any]]) -> int:
+    """diff --content: unified diffs of modified files against the entry below."""
+    for r in rows:
+        if r["change"] not in ("modified", "added", "identical"):
+            continue
+        cls, h, rel = local.hierarchy_of(r["path"])
+        with local.open_stack(root, cls, h) as st:
+            assert st.upper is not None
+            up = os.path.join(st.upper, rel)
+            low = lower_entry(st.layers, rel)
+            if not os.path.isfile(up) or os.path.islink(up):
+                continue
+            new = _lines(up)
+            old = _lines(low.path) if low and os.path.isfile(low.path) else []
+            sys.stdout.writelines(difflib.unified_diff(
+                old, new, fromfile=f"a{r['path']} ({r['layer'] or 'none'})",
+                tofile=f"b{r['path']} (upper)"))
+    return 0
+
+
+def _lines(p: str) -> list[str]:
+    with open(p, encoding="utf-8", errors="replace") as f:
+        return f.readlines()
