@@ -201,6 +201,7 @@ class Built:
     created: list[str] = field(default_factory=list)   # persistent dirs this run made
     originals: list[int] = field(default_factory=list)  # O_PATH fds of carried mounts
     record: dict[str, Any] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)   # old ephemeral work dirs to drop
 
 
 def _flags(vfs: list[str]) -> tuple[int, int]:
@@ -318,8 +319,7 @@ def _mount_layers(plan: HierarchyPlan, ws: str,
             lowers.append(layer.path)
     upper = work = None
     if plan.upper_kind == "ephemeral":
-        upper = os.path.join(ws, "eph", name, "upper")
-        work = os.path.join(ws, "eph", name, "work")
+        pass   # chosen by build(): a tmpfs of its own
     elif plan.upper_kind is not None:
         assert plan.upperdir is not None and plan.workdir is not None
         upper, work = plan.upperdir, plan.workdir
@@ -359,12 +359,73 @@ def _backing(plan: HierarchyPlan) -> str | None:
     return None
 
 
+def _tmpfs() -> int:
+    fd = k.fsopen("tmpfs")
+    try:
+        k.fsconfig_string(fd, "mode", "0700")
+        k.fsconfig_create(fd)
+        return k.fsmount(fd, k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOSUID)
+    finally:
+        os.close(fd)
+
+
+EPHEMERAL_DIR = "ephemeral"
+
+
+def carried_ephemeral(target: str, cls: ExtClass) -> int | None:
+    """A writable clone of the ephemeral tmpfs of the overlay merged on TARGET (exposed
+    read-only at .systemd-*/ephemeral), so that a refresh keeps ephemeral writes."""
+    path = os.path.join(target, cls.meta_dir, EPHEMERAL_DIR)
+    if not mountinfo.is_mountpoint(path):
+        return None
+    fd = k.open_tree(path)
+    try:
+        k.mount_setattr(fd, "", 0, k.MOUNT_ATTR_RDONLY)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _ephemeral_dirs(plan: HierarchyPlan, carry: int | None, b_pending: list[tuple[int, str]],
+                    meta_dir: str, cls: ExtClass, stale: list[str],
+                    owned: list[int]) -> tuple[str, str]:
+    """Upper and work dir of an ephemeral overlay in a tmpfs of its own (new, or carried over
+    from the overlay being replaced), exposed read-only in the metadata dir."""
+    efd = _tmpfs() if carry is None else carry
+    if carry is None:
+        # Closed once the overlay exists: it and the read-only clone keep the tmpfs alive,
+        # and it vanishes with them.
+        owned.append(efd)
+    base = f"/proc/self/fd/{efd}"
+    upper = os.path.join(base, "upper")
+    if not os.path.isdir(upper):
+        os.mkdir(upper)
+    os.chmod(upper, plan.top_mode)
+    work = os.path.join(base, "work")
+    if os.path.exists(work):
+        stale.append(work)
+        work = os.path.join(base, "work.1")
+        if os.path.exists(work):
+            shutil.rmtree(work)
+    else:
+        old = os.path.join(base, "work.1")
+        if os.path.exists(old):
+            stale.append(old)
+    os.mkdir(work, 0o700)
+    rfd = k.open_tree(base)
+    k.mount_setattr(rfd, "", k.MOUNT_ATTR_RDONLY)
+    b_pending.append((rfd, os.path.join(cls.meta_dir, EPHEMERAL_DIR)))
+    return upper, work
+
+
 def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, Any],
-          views: dict[str, PlainView]) -> Built:
+          views: dict[str, PlainView], carry: int | None = None) -> Built:
     cls = settings.cls
     root = settings.root
     name = os.path.basename(plan.hierarchy) or "root"
     created: list[str] = []
+    owned: list[int] = []
     view = views.get(plan.target)
 
     def shown(path: str) -> str:
@@ -384,11 +445,11 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
             assert plan.upperdir is not None
             _makedirs(plan.upperdir, plan.top_mode, created)
         lowers, upper, work = _mount_layers(plan, ws, views)
+        eph_binds: list[tuple[int, str]] = []
+        stale: list[str] = []
         if plan.upper_kind == "ephemeral":
-            assert upper and work
-            os.makedirs(upper)
-            os.chmod(upper, plan.top_mode)
-            os.makedirs(work, 0o700)
+            upper, work = _ephemeral_dirs(plan, carry, eph_binds, cls.meta_dir, cls, stale,
+                                          owned)
         elif plan.upper_kind is not None:
             assert work is not None
             if not os.path.isdir(work):
@@ -416,6 +477,8 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
         meta_dir = metadata.write_meta(meta_root, cls, names=plan.extensions,
                                        work_dir_rel=work_rel, origin=origin,
                                        backing=_backing(plan), record=record)
+        if eph_binds:
+            os.mkdir(os.path.join(meta_dir, EPHEMERAL_DIR), 0o700)
         source = cls.name
         if k.have_new_mount_api():
             fd = _overlay_new_api(plan, source, lowers, upper, work)
@@ -424,23 +487,30 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
                                  cls.meta_dir if plan.upper_kind else None)
         try:
             metadata.write_dev(meta_dir, os.fstat(fd).st_dev)
-            b = Built(plan, fd, meta_dir, created=created, record=record)
+            b = Built(plan, fd, meta_dir, created=created, record=record, stale=stale)
             if plan.upper_kind and k.have_new_mount_api():
                 mfd = k.open_tree(cls.meta_dir, dirfd=fd)
                 k.mount_setattr(mfd, "", k.MOUNT_ATTR_RDONLY)
                 b.pending_binds.append((mfd, cls.meta_dir))
+            b.pending_binds.extend(eph_binds)
+            eph_binds = []
             return b
         except BaseException:
             os.close(fd)
             raise
     except OSError as e:
         _undo_created(created)
+        for bfd, _ in eph_binds:
+            os.close(bfd)
         raise die(f"cannot build the overlay for {plan.target}: {e.strerror or e}"
                   + (f" ({e.filename})" if e.filename else ""),
                   _hint_for(e)) from None
     except BaseException:
         _undo_created(created)
         raise
+    finally:
+        for ofd in owned:
+            os.close(ofd)
 
 
 def _hint_for(e: OSError) -> str:
@@ -571,7 +641,8 @@ def unmerge(settings: Settings) -> int:
 
 
 def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[str, Any],
-                 views: dict[str, PlainView], replace: bool) -> None:
+                 views: dict[str, PlainView], replace: bool,
+                 carry: dict[str, int] | None = None) -> None:
     """Build every overlay, then attach them all; on any failure nothing stays changed."""
     cls = settings.cls
     built: list[Built] = []
@@ -583,7 +654,7 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
             for plan in plans:
                 if not plan.merge:
                     continue
-                b = build(settings, plan, ws, origin, views)
+                b = build(settings, plan, ws, origin, views, (carry or {}).get(plan.target))
                 built.append(b)
                 _carry_nested(b, mounts)
                 _graft(b, attached=False)
@@ -608,6 +679,8 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                     k.move_mount(b.fd, t)
                 attached.append(b)
                 _graft(b, attached=True)
+                for w in b.stale:
+                    shutil.rmtree(w, ignore_errors=True)
                 for orig in b.originals:
                     # The carried mounts now live in the overlay; the originals are covered.
                     try:

@@ -72,6 +72,7 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
                 apply.unmerge(s)
             return []
         views = apply.plain_views(merged, s.cls) if merged else {}
+        carry: dict[str, int] = {}
         try:
             plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t))
             for p in plans:
@@ -93,12 +94,20 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
             for p in plans:
                 if p.merge:
                     update_manifest(s.root, s.cls, p)
-            apply.put_in_place(s, plans, origin, views, replace=refresh)
+            if refresh:
+                for p in plans:
+                    if p.upper_kind == "ephemeral" and p.target in merged:
+                        fd = apply.carried_ephemeral(p.target, s.cls)
+                        if fd is not None:
+                            carry[p.target] = fd
+            apply.put_in_place(s, plans, origin, views, replace=refresh, carry=carry)
             if any(p.merge for p in plans):
                 maybe_reload(s, accepted)
         finally:
             for v in views.values():
                 os.close(v.fd)
+            for fd in carry.values():
+                os.close(fd)
         return []
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from dataclasses import dataclass, field
 
 from overlayctl.errors import die
@@ -27,10 +26,36 @@ def parse_boolean(value: str) -> bool | None:
 
 
 def _unquote(value: str) -> str:
-    try:
-        return " ".join(shlex.split(value, comments=False, posix=True))
-    except ValueError:
-        return value
+    """Shell-like quoting as systemd's env-file parser takes it: single quotes are literal,
+    double quotes unescape \\ \" \` \$, outside quotes a backslash escapes anything."""
+    out: list[str] = []
+    quote: str | None = None
+    i = 0
+    while i < len(value):
+        c = value[i]
+        nxt = value[i + 1] if i + 1 < len(value) else ""
+        if quote == "'":
+            if c == "'":
+                quote = None
+            else:
+                out.append(c)
+        elif quote == '"':
+            if c == '"':
+                quote = None
+            elif c == "\\" and nxt in ('"', "\\", "`", "$"):
+                out.append(nxt)
+                i += 1
+            else:
+                out.append(c)
+        elif c in "'\"":
+            quote = c
+        elif c == "\\" and nxt:
+            out.append(nxt)
+            i += 1
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def parse_env_text(text: str) -> dict[str, str]:

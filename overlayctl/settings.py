@@ -74,7 +74,7 @@ def parse_hierarchies(value: str, env: str) -> tuple[str, ...]:
         raise die(f"${env} has an empty entry: '{value}'",
                   "give a colon-separated list of absolute paths, e.g. /usr:/opt")
     for i in items:
-        if not i.startswith("/") or os.path.normpath(i) != i or i == "/":
+        if not i.startswith("/") or os.path.normpath(i) != i or i == "/" or "//" in i:
             raise die(f"${env}: '{i}' is not a normalized absolute path other than /",
                       "give a colon-separated list of absolute paths, e.g. /usr:/opt")
     return tuple(items)

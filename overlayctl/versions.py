@@ -19,8 +19,6 @@ def _cmp(x: int | str | bytes | bool, y: int | str | bytes | bool) -> int:
 
 def vercmp(a: str, b: str) -> int:
     """-1, 0 or 1 as a sorts before, equal to or after b."""
-    if not a or not b:
-        return _cmp(a, b)
     i = j = 0
     la, lb = len(a), len(b)
     while True:
@@ -51,16 +49,20 @@ def vercmp(a: str, b: str) -> int:
                 ca = a[i] if i < la else ""
                 cb = b[j] if j < lb else ""
         if (ca.isdigit() and ca.isascii()) or (cb.isdigit() and cb.isascii()):
-            while i < la and a[i] == "0":
-                i += 1
-            while j < lb and b[j] == "0":
-                j += 1
             ii, jj = i, j
             while ii < la and a[ii].isascii() and a[ii].isdigit():
                 ii += 1
             while jj < lb and b[jj].isascii() and b[jj].isdigit():
                 jj += 1
-            r = _cmp(ii != i, jj != j) or _cmp(ii - i, jj - j) or _cmp(a[i:ii], b[j:jj])
+            # A numeric segment (even "0") is newer than none at all.
+            r = _cmp(ii != i, jj != j)
+            if r:
+                return r
+            while i < ii and a[i] == "0":
+                i += 1
+            while j < jj and b[j] == "0":
+                j += 1
+            r = _cmp(ii - i, jj - j) or _cmp(a[i:ii], b[j:jj])
             if r:
                 return r
         else:
