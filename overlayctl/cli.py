@@ -144,7 +144,10 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
                 row["mutable"] = "yes" if upper else "no"
             row["writable"] = bool(upper) and not os.statvfs(target).f_flag & os.ST_RDONLY
             if rec.get("upper") == "ephemeral":
-                row["upperdir"] = None
+                # The raw ephemeral upper, exposed read-only inside the metadata directory.
+                eph = os.path.join(target, s.cls.meta_dir, "ephemeral", "upper")
+                row["upperdir"] = (os.path.join(h, s.cls.meta_dir, "ephemeral", "upper")
+                                   if os.path.isdir(eph) else None)
             row["defaults"] = rec.get("defaults")
         rows.append(row)
     return rows

@@ -158,6 +158,7 @@ def open_stack(root: str, cls: ExtClass, hierarchy: str) -> Iterator[Stack]:
     merged = os.path.isdir(target) and apply.is_ours(target, cls)
     views = apply.plain_views([target], cls) if merged else {}
     plain = views[target].path if merged else target
+    extra_fds: list[int] = []
     try:
         def host(p: str | None) -> str | None:
             if p is None:
@@ -168,6 +169,13 @@ def open_stack(root: str, cls: ExtClass, hierarchy: str) -> Iterator[Stack]:
 
         kind = record.get("upper")
         upper = host(record.get("upperdir")) if kind in ("persistent", "host") else None
+        if kind == "ephemeral" and merged:
+            # Exposed read-only by the overlay itself (see apply.EPHEMERAL_DIR); a writable
+            # clone of that tmpfs lets reset and cleanup edit it.
+            efd = apply.carried_ephemeral(target, cls)
+            if efd is not None:
+                extra_fds.append(efd)
+                upper = f"/proc/self/fd/{efd}/upper"
         layers = []
         for layer in record.get("layers", []):
             if layer.get("role") not in LOWER_ROLES or not layer.get("path"):
@@ -179,6 +187,8 @@ def open_stack(root: str, cls: ExtClass, hierarchy: str) -> Iterator[Stack]:
     finally:
         for v in views.values():
             os.close(v.fd)
+        for fd in extra_fds:
+            os.close(fd)
 
 
 def _need_upper(st: Stack) -> str:
@@ -270,6 +280,9 @@ def _which_json(path: str, layer: str, name: str | None, source: str, root: str,
 def _shown(p: str, root: str, st: Stack) -> str:
     if p == st.plain or p.startswith(st.plain + "/"):
         return st.hierarchy + p[len(st.plain):]
+    if st.ephemeral and st.upper and p.startswith(st.upper + "/"):
+        return os.path.join(st.hierarchy, st.cls.meta_dir, "ephemeral/upper",
+                            p[len(st.upper) + 1:])
     rel = os.path.relpath(p, root)
     return "/" + rel if not rel.startswith("..") else p
 
