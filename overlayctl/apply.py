@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,8 +23,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from overlayctl import faults, metadata, mountinfo, state
 from overlayctl import kernel as k
-from overlayctl import metadata, mountinfo, state
 from overlayctl.errors import OverlayctlError, die
 from overlayctl.images import Image
 from overlayctl.paths import inside
@@ -229,6 +228,7 @@ def _makedirs(path: str, mode: int, created: list[str]) -> None:
         p = os.path.dirname(p)
     for d in reversed(missing):
         os.mkdir(d, 0o755)
+        os.chmod(d, 0o755)   # not narrowed by the umask, as upstream v260
         created.append(d)
     os.chmod(path, mode)
 
@@ -620,7 +620,17 @@ def unmerge(settings: Settings) -> int:
             continue
         if not is_ours(target, cls):
             continue
+        from overlayctl import busy
+        users = busy.users_below(target)
+        old_dev = os.stat(target).st_dev
+        faults.checkpoint("unmerge-before-detach", h)
         carried, workdirs = _detach(target, cls, root)
+        faults.checkpoint("unmerge-after-detach", h)
+        if users:
+            n = len(users)
+            log(f"overlayctl: {n} process{'es' if n != 1 else ''} still use{'' if n != 1 else 's'}"
+                f" the old {h}: {busy.describe(users)}")
+            note_detached(root, cls.name, h, old_dev)
         for w in workdirs:
             _remove_workdir(root, w, h)
         for fd, rel in carried:
@@ -632,6 +642,7 @@ def unmerge(settings: Settings) -> int:
                 log(f"Could not put the mount on {dest} back: {e.strerror}")
             finally:
                 os.close(fd)
+        faults.checkpoint("unmerge-done", h)
         log(f"Unmerged '{target}'.")
         done += 1
     if done == 0:
@@ -654,29 +665,36 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
             for plan in plans:
                 if not plan.merge:
                     continue
+                faults.checkpoint("build", plan.hierarchy)
                 b = build(settings, plan, ws, origin, views, (carry or {}).get(plan.target))
                 built.append(b)
                 _carry_nested(b, mounts)
                 _graft(b, attached=False)
+                faults.checkpoint("built", plan.hierarchy)
             for b in built:
                 t = b.plan.target
+                h = b.plan.hierarchy
                 if not os.path.lexists(t):
                     os.makedirs(t, 0o755)
                     b.created.append(t)
+                faults.checkpoint("attach", h)
                 if replace and is_ours(t, cls):
                     old_work = metadata.read_merged(t, cls).work_dir
-                    try:
-                        k.move_mount(b.fd, t, beneath=True)
-                        k.umount(t)
-                    except OSError:
-                        # No MOVE_MOUNT_BENEATH (Linux < 6.5): the upstream order, with a gap.
+                    if _stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h):
+                        # The upstream order, with a gap: after an interrupted refresh left
+                        # overlays stacked, or without MOVE_MOUNT_BENEATH (Linux < 6.5).
+                        if _stacked_ours(t) <= 1:
+                            log(f"The kernel cannot mount beneath {t}: replacing it with a "
+                                "brief gap (needs Linux 6.5+).")
                         _detach(t, cls, settings.root)
+                        faults.checkpoint("gap", h)
                         k.move_mount(b.fd, t)
                     new_work = (b.record.get("workdir") or "").lstrip("/")
                     if old_work and new_work != old_work.lstrip("/"):
                         _remove_workdir(settings.root, old_work, b.plan.hierarchy)
                 else:
                     k.move_mount(b.fd, t)
+                faults.checkpoint("attached", h)
                 attached.append(b)
                 _graft(b, attached=True)
                 for w in b.stale:
@@ -686,7 +704,8 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                     try:
                         k.umount(f"/proc/self/fd/{orig}", k.MNT_DETACH)
                     except OSError as e:
-                        log(f"Could not detach a covered nested mount: {e.strerror}")
+                        if e.errno != errno.EINVAL:   # EINVAL: went with the old overlay
+                            log(f"Could not detach a covered nested mount: {e.strerror}")
         except BaseException:
             for b in reversed(attached):
                 try:
@@ -704,6 +723,7 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                 for fd in b.originals:
                     os.close(fd)
     for b in attached:
+        faults.checkpoint("record", b.plan.hierarchy)
         log(f"Merged extensions into '{b.plan.target}'.")
         try:
             state.save_record(settings.root, cls.name, b.plan.hierarchy, b.record)
@@ -711,5 +731,78 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
             log(f"Could not save the merge record of {b.plan.hierarchy}: {e.strerror}")
 
 
-def fmt_mode(m: int) -> str:
-    return stat.filemode(m)
+def _stacked_ours(target: str) -> int:
+    """How many of our overlays (sysext/confext) are stacked on TARGET."""
+    return sum(1 for m in mountinfo.read()
+               if m.mountpoint == target and m.fstype == "overlay"
+               and m.source in ("sysext", "confext"))
+
+
+def _swap_beneath(fd: int, target: str, hierarchy: str) -> bool:
+    """Put the new overlay under the old one and detach the old: no moment without one."""
+    try:
+        k.move_mount(fd, target, beneath=True)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False
+        raise
+    faults.checkpoint("beneath", hierarchy)
+    k.umount(target)
+    return True
+
+
+def can_mount_beneath() -> bool:
+    """MOVE_MOUNT_BENEATH appeared in Linux 6.5."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (6, 5)
+
+
+DETACHED = "run/overlayctl/detached.json"
+
+
+def note_detached(root: str, cls_name: str, hierarchy: str, dev: int) -> None:
+    """Remember an overlay that was detached while processes still used it."""
+    path = os.path.join(root, DETACHED)
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, ValueError):
+        items = []
+    items.append({"class": cls_name, "hierarchy": hierarchy, "dev": dev,
+                  "since": int(os.stat(os.path.dirname(path)).st_mtime)})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(items, f)
+    os.replace(path + ".tmp", path)
+
+
+def detached_alive(root: str, cls_name: str, hierarchy: str) -> list[dict[str, Any]]:
+    """Detached overlays of HIERARCHY that processes still use (pruned as they go away)."""
+    path = os.path.join(root, DETACHED)
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, ValueError):
+        return []
+    from overlayctl import busy
+    alive: list[dict[str, Any]] = []
+    keep: list[dict[str, Any]] = []
+    for it in items:
+        users = busy.users_of_dev(int(it.get("dev", -1)))
+        if not users:
+            continue
+        keep.append(it)
+        if it.get("class") == cls_name and it.get("hierarchy") == hierarchy:
+            alive.append({"dev": f"{os.major(it['dev'])}:{os.minor(it['dev'])}",
+                          "processes": [{"pid": pid, "name": name} for pid, name in users]})
+    if len(keep) != len(items):
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(keep, f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass
+    return alive

@@ -115,7 +115,7 @@ def _since(us: int | None) -> str:
 
 def status_rows(s: Settings) -> list[dict[str, Any]]:
     from overlayctl import metadata, mountinfo
-    from overlayctl.apply import is_ours
+    from overlayctl.apply import detached_alive, is_ours
     from overlayctl.paths import chase
     rows = []
     mounts = mountinfo.read()
@@ -149,6 +149,9 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
                 row["upperdir"] = (os.path.join(h, s.cls.meta_dir, "ephemeral", "upper")
                                    if os.path.isdir(eph) else None)
             row["defaults"] = rec.get("defaults")
+        detached = detached_alive(s.root, s.cls.name, h)
+        if detached:
+            row["detached"] = detached
         rows.append(row)
     return rows
 
@@ -244,8 +247,15 @@ def _print_plan(p: dict[str, Any]) -> None:
 
 def cmd_unmerge(classes: list[str], args: argparse.Namespace) -> int:
     from overlayctl import engine
+    # The reverse of merge: system extensions first, configuration extensions last.
+    order = sorted(classes, key=lambda c: c != "sysext")
+    if args.dry_run:
+        for c in order:
+            for t in engine.unmerge_dry_run(_settings(c, args)):
+                print(f"Would unmerge '{t}'.")
+        return 0
     _require_root()
-    for c in reversed(classes):
+    for c in order:
         engine.unmerge(_settings(c, args))
     return 0
 
@@ -321,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"overlayctl: {e.strerror or e}{where}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (overlayctl ... | head): not an error worth a message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("overlayctl: interrupted", file=sys.stderr)
         return 130

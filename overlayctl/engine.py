@@ -3,11 +3,13 @@ metadata, validate, plan, then apply under a lock."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from typing import Any
 
-from overlayctl import apply
+from overlayctl import apply, faults
 from overlayctl.errors import die
 from overlayctl.images import Image, discover, read_metadata
 from overlayctl.paths import chase
@@ -34,12 +36,12 @@ def accepted_images(s: Settings) -> list[Image]:
                 "mount image files yet; unpack it into a directory extension.")
             ignored += 1
             continue
-        if s.force:
-            accepted.append(img)
-            continue
         if not host.get("ID"):
             raise die(f"the host os-release in {s.root} has no ID=",
                       "add ID= to etc/os-release or usr/lib/os-release in the root")
+        if s.force:
+            accepted.append(img)
+            continue
         reason = check_compatible(img.release.data if img.release and img.release.path else None,
                                   host, s.cls.info, scope, img.name)
         if reason:
@@ -59,11 +61,15 @@ def accepted_images(s: Settings) -> list[Image]:
 
 def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
     """merge or refresh one class. Returns the plans (as JSON) for --dry-run."""
-    with apply.lock(s.root):
+    with contextlib.nullcontext() if s.dry_run else apply.lock(s.root):
         accepted = accepted_images(s)
         targets = [t for t in (chase(s.root, h, must_exist=True) for h in s.hierarchies)
                    if t is not None]
         merged = [t for t in targets if apply.is_ours(t, s.cls)]
+        journal = os.path.join(s.root, "run", "overlayctl", f"{s.cls.name}.merging")
+        if merged and not refresh and os.path.exists(journal):
+            log(f"An earlier merge of {s.cls.name} was interrupted: completing it.")
+            refresh = True
         if merged and not refresh:
             raise die(f"hierarchy '{merged[0]}' is already merged",
                       f"use 'overlayctl {s.cls.name} refresh' or unmerge first")
@@ -78,7 +84,7 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
             for p in plans:
                 _own_workdir(s, p, merged)
             if s.dry_run:
-                return [p.as_json() for p in plans]
+                return [_shown_plan(p.as_json(), views) for p in plans]
             origin = apply.origin_of(s, plans, accepted)
             if refresh and merged and not s.always_refresh and _unchanged(s, merged, origin):
                 log("Skipping extension refresh because no change was found, use "
@@ -100,7 +106,14 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
                         fd = apply.carried_ephemeral(p.target, s.cls)
                         if fd is not None:
                             carry[p.target] = fd
-            apply.put_in_place(s, plans, origin, views, replace=refresh, carry=carry)
+            with open(journal, "w", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+            try:
+                faults.checkpoint("journal")
+                apply.put_in_place(s, plans, origin, views, replace=refresh, carry=carry)
+            finally:
+                # Only a killed process leaves it behind: put_in_place rolls back otherwise.
+                os.unlink(journal)
             if any(p.merge for p in plans):
                 maybe_reload(s, accepted)
         finally:
@@ -157,3 +170,24 @@ def _own_workdir(s: Settings, p: HierarchyPlan, merged: list[str]) -> None:
         base = os.path.basename(p.workdir)
         alt = base[:-2] if base.endswith(".1") else base + ".1"
         p.workdir = os.path.join(os.path.dirname(p.workdir), alt)
+
+
+def _shown_plan(j: dict[str, Any], views: dict[str, apply.PlainView]) -> dict[str, Any]:
+    """A plan for --dry-run with plain views of merged hierarchies shown by their path."""
+    text = json.dumps(j)
+    for target, v in views.items():
+        real = os.path.dirname(target) if v.rel else target
+        base = f"/proc/self/fd/{v.fd}"
+        text = text.replace(json.dumps(base)[1:-1], json.dumps(real)[1:-1])
+    out: dict[str, Any] = json.loads(text)
+    return out
+
+
+def unmerge_dry_run(s: Settings) -> list[str]:
+    """What unmerge would take down."""
+    out = []
+    for h in s.hierarchies:
+        t = chase(s.root, h, must_exist=True)
+        if t is not None and os.path.isdir(t) and apply.is_ours(t, s.cls):
+            out.append(t)
+    return out

@@ -26,7 +26,7 @@ def parse_boolean(value: str) -> bool | None:
 
 
 def _unquote(value: str) -> str:
-    """Shell-like quoting as systemd's env-file parser takes it: single quotes are literal,
+    r"""Shell-like quoting as systemd's env-file parser takes it: single quotes are literal,
     double quotes unescape \\ \" \` \$, outside quotes a backslash escapes anything."""
     out: list[str] = []
     quote: str | None = None

@@ -81,6 +81,11 @@ def parse_hierarchies(value: str, env: str) -> tuple[str, ...]:
 
 
 def read_ini(root: str, base: str, section: str) -> dict[str, str]:
+    """The last assignment of each key (see read_ini_items)."""
+    return {k: v for k, v, _ in read_ini_items(root, base, section)}
+
+
+def read_ini_items(root: str, base: str, section: str) -> list[tuple[str, str, str]]:
     """KEY=VALUE settings of [SECTION] from BASE (a path below each of CONF_DIRS' parents:
     /etc, /run, /usr/local/lib, /usr/lib) and BASE.d/*.conf drop-ins, systemd style."""
     files: list[str] = []
@@ -98,7 +103,7 @@ def read_ini(root: str, base: str, section: str) -> dict[str, str]:
             if name.endswith(".conf") and name not in dropins:
                 dropins[name] = os.path.join(dd, name)
     files.extend(dropins[n] for n in sorted(dropins))
-    result: dict[str, str] = {}
+    result: list[tuple[str, str, str]] = []
     for f in files:
         try:
             with open(f, encoding="utf-8", errors="replace") as fh:
@@ -117,7 +122,7 @@ def read_ini(root: str, base: str, section: str) -> dict[str, str]:
             if current != section or "=" not in line:
                 continue
             k, _, v = line.partition("=")
-            result[k.strip()] = v.strip()
+            result.append((k.strip(), v.strip(), f))
     return result
 
 
@@ -176,12 +181,17 @@ def load_settings(root: str, class_name: str, *, cli_mutable: str | None = None,
     if cli_mutable is not None:
         s.mutable, s.mutable_source = cli_mutable, "--mutable"
     s.overlay_options = os.environ.get(f"{cls.env_prefix}_OVERLAYFS_MOUNT_OPTIONS")
-    conf = read_config(root, cls)
-    if "Mutable" in conf and s.mutable_source == "default":
-        m = parse_mutable(conf["Mutable"])
+    items = read_ini_items(root, f"systemd/{cls.name}.conf", cls.section)
+    conf = {k: v for k, v, _ in items}
+    from_config = s.mutable_source == "default"
+    for key, value, path in items:
+        if key != "Mutable" or not from_config:
+            continue
+        m = parse_mutable(value)
         if m is None:
-            warn(f"ignoring Mutable={conf['Mutable']} in {cls.name}.conf: not a mutable mode")
+            warn(f"ignoring Mutable={value} in {path}: not a mutable mode")
         else:
+            # The last valid assignment wins, as in systemd's config parser.
             s.mutable, s.mutable_source = m, f"{cls.name}.conf"
     if "ImagePolicy" in conf and s.image_policy is None:
         s.image_policy = conf["ImagePolicy"]

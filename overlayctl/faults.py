@@ -1,0 +1,21 @@
+"""Named checkpoints on the paths that change the system, for fault-injection tests.
+
+OVERLAYCTL_FAULT=NAME kills the process with SIGKILL when it reaches checkpoint NAME (or
+NAME@HIERARCHY for a checkpoint reached once per hierarchy); OVERLAYCTL_FAULT_TRACE=FILE
+appends the name of every checkpoint reached to FILE. Both are for tests only."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def checkpoint(name: str, hierarchy: str | None = None) -> None:
+    full = f"{name}@{hierarchy}" if hierarchy else name
+    trace = os.environ.get("OVERLAYCTL_FAULT_TRACE")
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(full + "\n")
+    want = os.environ.get("OVERLAYCTL_FAULT")
+    if want and want in (name, full):
+        os.kill(os.getpid(), signal.SIGKILL)
