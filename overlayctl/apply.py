@@ -112,8 +112,9 @@ def _in_child(fn: Any) -> tuple[dict[str, Any], list[int]]:
             payload, fds, code = json.dumps({"ok": False, "error": e.message,
                                              "hint": e.hint}).encode(), [], 1
         except OSError as e:
-            payload, fds, code = json.dumps({"ok": False, "error": str(e),
-                                             "hint": None}).encode(), [], 1
+            payload, fds, code = json.dumps({"ok": False, "errno": e.errno,
+                                             "error": e.strerror or str(e),
+                                             "filename": e.filename, "hint": None}).encode(), [], 1
         except BaseException as e:
             payload, fds, code = json.dumps({"ok": False, "error": repr(e),
                                              "hint": None}).encode(), [], 1
@@ -131,6 +132,8 @@ def _in_child(fn: Any) -> tuple[dict[str, Any], list[int]]:
     if not data.get("ok"):
         for fd in fds:
             os.close(fd)
+        if data.get("errno"):
+            raise OSError(data["errno"], data.get("error"), data.get("filename"))
         raise die(data.get("error", "helper failed"), data.get("hint"))
     return data, list(fds)
 
@@ -241,8 +244,9 @@ def _overlay_new_api(plan: HierarchyPlan, source: str, lowers: list[str], upper:
         for p in lowers:
             k.fsconfig_string(fd, "lowerdir+", p)
         if upper and work:
-            k.fsconfig_string(fd, "upperdir", upper)
-            k.fsconfig_string(fd, "workdir", work)
+            # overlayfs unescapes backslashes in these two (not in lowerdir+).
+            k.fsconfig_string(fd, "upperdir", upper.replace("\\", "\\\\"))
+            k.fsconfig_string(fd, "workdir", work.replace("\\", "\\\\"))
         for opt in plan.fs_options:
             key, sep, value = opt.partition("=")
             if sep:
@@ -298,6 +302,9 @@ def _overlay_legacy(plan: HierarchyPlan, source: str, lowers: list[str], upper: 
 
     try:
         _, fds = _in_child(child)
+    except OSError as e:
+        # The staging directory means nothing to the user; build() names the hierarchy.
+        raise OSError(e.errno, e.strerror) from None
     finally:
         os.rmdir(stage)
     return fds[0]

@@ -280,7 +280,7 @@ def run(argv: list[str]) -> int:
     verb = words.pop(0) if words else "status"
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
     if verb in LOCAL_VERBS:
-        root = os.path.abspath(args.root)
+        root = os.path.realpath(args.root)
         if not os.path.isdir(root):
             raise die(f"--root={args.root}: no such directory", "give an existing directory")
         args.root = root
@@ -305,7 +305,7 @@ def run(argv: list[str]) -> int:
         if args.mutable_mode is None:
             raise die(f"failed to parse argument to --mutable=: {args.mutable}",
                       f"use one of {', '.join(MUTABLE_MODES)}, or a boolean")
-    root = os.path.abspath(args.root)
+    root = os.path.realpath(args.root)
     if not os.path.isdir(root):
         raise die(f"--root={args.root}: no such directory", "give an existing directory")
     args.root = root
