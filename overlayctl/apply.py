@@ -353,6 +353,15 @@ def origin_of(settings: Settings, plans: list[HierarchyPlan],
         origin["mountOptions"] = settings.overlay_options
     origin["noexec"] = settings.noexec
     origin["hierarchies"] = [p.hierarchy for p in plans if p.merge]
+    defaults: dict[str, Any] = {}
+    for p in plans:
+        d = next((layer.path for layer in p.lowers if layer.role == "defaults"), None)
+        if d:
+            st = os.stat(d)
+            defaults[p.hierarchy] = {"path": inside(root, d), "inode": st.st_ino,
+                                     "mtime": st.st_mtime_ns // 1000}
+    if defaults:
+        origin["defaults"] = defaults
     return origin
 
 
@@ -478,6 +487,8 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
                        for layer in plan.lowers],
             "overlayctl": True,
             "noexec": settings.noexec,
+            "force": settings.force,
+            "mount_options": settings.overlay_options,
             "defaults": next((shown(layer.path) for layer in plan.lowers
                               if layer.role == "defaults" and layer.path), None),
         }

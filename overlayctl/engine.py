@@ -73,7 +73,7 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
         if merged and not refresh:
             raise die(f"hierarchy '{merged[0]}' is already merged",
                       f"use 'overlayctl {s.cls.name} refresh' or unmerge first")
-        if not accepted and s.mutable == "no":
+        if not accepted and s.mutable == "no" and not s.defaults:
             if refresh and merged and not s.dry_run:
                 apply.unmerge(s)
             return []

@@ -312,7 +312,9 @@ def _rebuild(root: str, st: Stack) -> None:
     defaults = {st.hierarchy: rec["defaults"]} if rec.get("defaults") else None
     s = load_settings(root, st.cls.name, cli_mutable=rec.get("mode") or "no",
                       noexec=rec.get("noexec"), always_refresh=True, no_reload=True,
-                      defaults=defaults)
+                      defaults=defaults, force=bool(rec.get("force")))
+    if "mount_options" in rec:
+        s.overlay_options = rec["mount_options"]
     s.hierarchies = (st.hierarchy,)
     engine.merge(s, refresh=True)
 
@@ -344,6 +346,14 @@ def reset(root: str, paths: list[str], dry_run: bool) -> list[Action]:
                     raise die(f"nothing below the upper layer provides {shown}: resetting it "
                               "would delete local data",
                               f"remove {shown} yourself if that is what you want")
+                if stat.S_ISDIR(ust.st_mode):
+                    local_only = [os.path.join(h, c.rel) for c in classify(upper, st.layers, [rel])
+                                  if c.change == "added" and c.rel != rel]
+                    if local_only:
+                        more = f" and {len(local_only) - 1} more" if len(local_only) > 1 else ""
+                        raise die(f"resetting {shown} would delete {local_only[0]}{more}, which "
+                                  "nothing below provides",
+                                  "reset the changed files one by one, or move yours away first")
                 if blocker:
                     raise die(f"{shown} would stay hidden by {os.path.join(h, blocker)}",
                               f"reset {os.path.join(h, blocker)} instead")
@@ -439,7 +449,9 @@ def cleanup(root: str, hierarchies: list[str], dry_run: bool) -> list[Action]:
             for c in classify(upper, st.layers):
                 shown = os.path.join(h, c.rel)
                 up = os.path.join(upper, c.rel)
-                if c.change == "identical" and c.rel not in m["pinned"]:
+                if (c.change == "identical" and c.rel not in m["pinned"] and c.lower is not None
+                        and c.lower.layer.role in ("defaults", "base")):
+                    # Copies equal to an extension's file stay: that extension may go away.
                     if not stat.S_ISDIR(os.lstat(up).st_mode):
                         todo.append((c.rel, "remove", "identical to the layer below"))
                 elif c.change == "deleted" and shown in keep and c.lower is not None:

@@ -53,7 +53,8 @@ def is_whiteout(path: str, st: os.stat_result) -> bool:
 
 
 def is_opaque(path: str) -> bool:
-    return overlay_xattr(path, "opaque") in (b"y", b"x")
+    """'y' hides the layers below; 'x' only marks a directory holding xattr whiteouts."""
+    return overlay_xattr(path, "opaque") == b"y"
 
 
 def _lstat(path: str) -> os.stat_result | None:
@@ -197,7 +198,8 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) 
     for rel, p, st in walk_upper(upper):
         if rels and not any(rel == r or rel.startswith(r.rstrip("/") + "/") for r in rels):
             continue
-        low = lower_entry(layers, rel)
+        # Below an opaque directory (or a whiteout) of the upper nothing shows through.
+        low = None if upper_blocker(upper, rel) else lower_entry(layers, rel)
         if is_whiteout(p, st):
             changes.append(Change(rel, "deleted", low))
             continue
