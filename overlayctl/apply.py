@@ -341,8 +341,9 @@ def origin_of(settings: Settings, plans: list[HierarchyPlan],
     root = settings.root
     exts: dict[str, Any] = {}
     for img in accepted:
-        st = os.stat(img.path)
-        exts[img.name] = {"path": inside(root, img.path), "inode": st.st_ino, "dev": st.st_dev,
+        src = img.source or img.path
+        st = os.stat(src)
+        exts[img.name] = {"path": inside(root, src), "inode": st.st_ino, "dev": st.st_dev,
                           "mtime": st.st_mtime_ns // 1000}
     mutable: dict[str, Any] = {"mode": settings.mutable}
     dirs = {p.hierarchy: inside(root, p.mutable_dir) for p in plans if p.mutable_dir}
@@ -483,7 +484,8 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
             ("persistent", "host") else None,
             "workdir": "/" + work_rel if work_rel else None,
             "layers": [{"role": layer.role, "name": layer.name,
-                        "path": shown(layer.path) if layer.path else None}
+                        "path": (inside(root, layer.image) if layer.image else
+                                 shown(layer.path) if layer.path else None)}
                        for layer in plan.lowers],
             "overlayctl": True,
             "noexec": settings.noexec,

@@ -22,18 +22,29 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def accepted_images(s: Settings) -> list[Image]:
+def mount_raw(img: Image, stack: contextlib.ExitStack) -> None:
+    """Mount a raw image (detached) for the rest of this invocation: its root becomes the
+    image's path, the file is kept as its source."""
+    from overlayctl import rawimage
+    fd = rawimage.mount_image(img.path)
+    stack.callback(os.close, fd)
+    img.source, img.path = img.path, f"/proc/self/fd/{fd}"
+
+
+def accepted_images(s: Settings, stack: contextlib.ExitStack) -> list[Image]:
     images = discover(s)
     for img in images:
+        if img.type in ("raw", "block"):
+            mount_raw(img, stack)
         read_metadata(s, img)
     host = host_os_release(s.root)
     scope = "initrd" if s.initrd else "system"
     accepted: list[Image] = []
     ignored = 0
     for img in images:
-        if img.type != "directory":
-            log(f"Skipping {img.type} image '{img.name}' ({img.path}): overlayctl does not "
-                "mount image files yet; unpack it into a directory extension.")
+        if img.source and s.cls.name == "sysext" and not s.force and os.path.lexists(
+                os.path.join(img.path, "usr/lib/os-release")):
+            log(f"Ignoring extension '{img.name}': it contains usr/lib/os-release.")
             ignored += 1
             continue
         if not host.get("ID"):
@@ -61,8 +72,9 @@ def accepted_images(s: Settings) -> list[Image]:
 
 def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
     """merge or refresh one class. Returns the plans (as JSON) for --dry-run."""
-    with contextlib.nullcontext() if s.dry_run else apply.lock(s.root):
-        accepted = accepted_images(s)
+    with contextlib.nullcontext() if s.dry_run else apply.lock(s.root), \
+            contextlib.ExitStack() as images:
+        accepted = accepted_images(s, images)
         targets = [t for t in (chase(s.root, h, must_exist=True) for h in s.hierarchies)
                    if t is not None]
         merged = [t for t in targets if apply.is_ours(t, s.cls)]

@@ -23,10 +23,7 @@ class Image:
     entry: str                # the search-directory entry it was found as (host path)
     mtime_us: int = 0
     release: ReleaseLookup | None = field(default=None, repr=False)
-
-    @property
-    def root_path(self) -> str:
-        return self.path
+    source: str | None = None     # raw images: the image file; path is then its mounted root
 
 
 def _strip_class_suffix(name: str, cls: ExtClass) -> str:
@@ -130,10 +127,11 @@ def discover(settings: Settings) -> list[Image]:
 
 
 def read_metadata(settings: Settings, img: Image) -> None:
-    """Load the release file of a directory image; refuse a sysext with os-release."""
-    if img.type != "directory":
+    """Load the release file of an image (raw ones must be mounted first, see
+    engine.mounted_images); refuse a sysext directory with os-release."""
+    if img.type not in ("directory", "raw", "block"):
         return
-    if settings.cls.name == "sysext":
+    if settings.cls.name == "sysext" and img.type == "directory":
         osr = chase(img.path, "/usr/lib/os-release", must_exist=True)
         if osr is not None and os.path.lexists(osr):
             raise die(f"extension '{img.name}' ({img.path}) contains usr/lib/os-release, which "

@@ -25,10 +25,15 @@ class Layer:
     role: str                  # meta, import, extension, base, defaults, filler
     path: str | None           # host path; None for layers in the private workspace
     name: str | None = None    # the extension name, for role "extension"
+    image: str | None = None   # raw images: the image file the layer comes from
 
     def describe(self) -> str:
         if self.path is None:
             return f"<workspace>/{self.role}"
+        if self.image:
+            # /proc/self/fd/N/usr of a mounted image means nothing later: IMAGE:/usr does.
+            inner = self.path.split("/")[5:]
+            return f"{self.image}:/{'/'.join(inner)}"
         return self.path
 
 
@@ -175,8 +180,8 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     # Extension layers, topmost (newest) first.
     ext_layers: list[Layer] = []
     for img in reversed(accepted):
-        if img.type != "directory":
-            continue
+        if img.type != "directory" and img.source is None:
+            continue   # a raw image that was not mounted
         lp = chase(img.path, hierarchy, must_exist=True)
         if lp is None:
             continue
@@ -185,7 +190,7 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
                       "directory", f"make {hierarchy} a directory in the extension or remove it")
         if is_empty_dir(lp):
             continue
-        ext_layers.append(Layer("extension", lp, img.name))
+        ext_layers.append(Layer("extension", lp, img.name, img.source))
 
     defaults: str | None = None
     if hierarchy in settings.defaults:
