@@ -1,0 +1,17 @@
+#!/bin/bash
+# Installs overlayctl's systemd units: install-units.sh [OVERLAYCTL_PATH] [UNIT_DIR]
+# OVERLAYCTL_PATH defaults to the overlayctl on PATH, UNIT_DIR to /etc/systemd/system.
+# Then: systemctl daemon-reload; systemctl enable overlayctl-confext.service overlayctl-sysext.service
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin=${1:-$(command -v overlayctl || true)}
+dir=${2:-/etc/systemd/system}
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+    echo "install-units: no overlayctl executable found; give its path as the first argument" >&2
+    exit 1
+fi
+mkdir -p "$dir"
+for u in overlayctl-confext.service overlayctl-sysext.service; do
+    sed "s|@OVERLAYCTL@|$bin|g" "$here/units/$u" > "$dir/$u"
+    echo "installed $dir/$u"
+done
