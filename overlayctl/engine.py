@@ -26,9 +26,9 @@ def mount_raw(img: Image, stack: contextlib.ExitStack) -> None:
     """Mount a raw image (detached) for the rest of this invocation: its root becomes the
     image's path, the file is kept as its source."""
     from overlayctl import rawimage
-    fd = rawimage.mount_image(img.path)
+    fd, usr_only = rawimage.mount_image(img.path)
     stack.callback(os.close, fd)
-    img.source, img.path = img.path, f"/proc/self/fd/{fd}"
+    img.source, img.path, img.usr_root = img.path, f"/proc/self/fd/{fd}", usr_only
 
 
 def accepted_images(s: Settings, stack: contextlib.ExitStack) -> list[Image]:
@@ -42,8 +42,8 @@ def accepted_images(s: Settings, stack: contextlib.ExitStack) -> list[Image]:
     accepted: list[Image] = []
     ignored = 0
     for img in images:
-        if img.source and s.cls.name == "sysext" and not s.force and os.path.lexists(
-                os.path.join(img.path, "usr/lib/os-release")):
+        if img.source and s.cls.name == "sysext" and not s.force and img.tree_path(
+                "/usr/lib/os-release"):
             log(f"Ignoring extension '{img.name}': it contains usr/lib/os-release.")
             ignored += 1
             continue

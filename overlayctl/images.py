@@ -24,6 +24,16 @@ class Image:
     mtime_us: int = 0
     release: ReleaseLookup | None = field(default=None, repr=False)
     source: str | None = None     # raw images: the image file; path is then its mounted root
+    usr_root: bool = False        # the mounted root is the image's /usr (a /usr partition)
+
+    def tree_path(self, path: str) -> str | None:
+        """Host path of PATH (absolute, inside the image's tree), resolved inside the image;
+        None if it is not there."""
+        if not self.usr_root:
+            return chase(self.path, path, must_exist=True)
+        if path != "/usr" and not path.startswith("/usr/"):
+            return None
+        return chase(self.path, path[4:] or "/", must_exist=True)
 
 
 def _strip_class_suffix(name: str, cls: ExtClass) -> str:
@@ -132,11 +142,14 @@ def read_metadata(settings: Settings, img: Image) -> None:
     if img.type not in ("directory", "raw", "block"):
         return
     if settings.cls.name == "sysext" and img.type == "directory":
-        osr = chase(img.path, "/usr/lib/os-release", must_exist=True)
+        osr = img.tree_path("/usr/lib/os-release")
         if osr is not None and os.path.lexists(osr):
             raise die(f"extension '{img.name}' ({img.path}) contains usr/lib/os-release, which "
                       "only the host may have",
                       "remove usr/lib/os-release from the extension "
                       "(--force does not override this)")
-    img.release = find_extension_release(img.path, img.name, settings.cls.info)
+    rel_dir = img.tree_path("/" + settings.cls.info.release_dir)
+    img.release = (find_extension_release(os.path.dirname(rel_dir), img.name, settings.cls.info,
+                                          release_dir=os.path.basename(rel_dir))
+                   if rel_dir else ReleaseLookup(None))
 

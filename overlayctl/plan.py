@@ -182,7 +182,7 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     for img in reversed(accepted):
         if img.type != "directory" and img.source is None:
             continue   # a raw image that was not mounted
-        lp = chase(img.path, hierarchy, must_exist=True)
+        lp = img.tree_path(hierarchy)
         if lp is None:
             continue
         if not os.path.isdir(lp):

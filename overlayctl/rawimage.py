@@ -96,6 +96,7 @@ class Region:
     offset: int
     size: int          # 0: to the end of the file
     what: str          # "file system" or "partition N (usr)"
+    usr_only: bool = False   # a /usr partition: its root is the image's /usr
 
 
 def _gpt_region(f: int, path: str, size: int) -> Region | None:
@@ -125,7 +126,8 @@ def _gpt_region(f: int, path: str, size: int) -> Region | None:
             fs = _detect_fs(f, off)
             if fs is None:
                 continue
-            found.setdefault(kind[0], Region(fs, off, length, f"partition {i + 1} ({kind[0]})"))
+            found.setdefault(kind[0], Region(fs, off, length, f"partition {i + 1} ({kind[0]})",
+                                             usr_only=kind[0] == "usr"))
         return found.get("usr") or found.get("root")
     return None
 
@@ -195,9 +197,10 @@ def _attach(path: str, region: Region) -> int:
         os.close(backing)
 
 
-def mount_image(path: str) -> int:
-    """Attach and mount the image read-only; returns a detached mount fd. The loop device
-    clears itself once the mount (and every overlay using it) is gone."""
+def mount_image(path: str) -> tuple[int, bool]:
+    """Attach and mount the image read-only; returns a detached mount fd, and whether its
+    root is the image's /usr (a /usr partition). The loop device clears itself once the
+    mount (and every overlay using it) is gone."""
     region = dissect(path)
     try:
         lfd = _attach(path, region)
@@ -217,7 +220,8 @@ def mount_image(path: str) -> int:
             if region.fstype == "ext4":
                 k.fsconfig_flag(fd, "noload")
             k.fsconfig_create(fd)
-            return k.fsmount(fd, k.MOUNT_ATTR_RDONLY | k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOSUID)
+            mfd = k.fsmount(fd, k.MOUNT_ATTR_RDONLY | k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOSUID)
+            return mfd, region.usr_only
         except OSError as e:
             raise die(f"{path}: the {region.fstype} {region.what} cannot be mounted: "
                       f"{e.strerror} (truncated or damaged?)", "rebuild the image") from None

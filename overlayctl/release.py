@@ -137,9 +137,11 @@ class ReleaseLookup:
     data: dict[str, str] = field(default_factory=dict)
 
 
-def find_extension_release(image_root: str, image_name: str, cls: ClassInfo) -> ReleaseLookup:
-    """Locate and read the extension-release file of an image (strict matching)."""
-    d = chase(image_root, cls.release_dir, must_exist=True)
+def find_extension_release(image_root: str, image_name: str, cls: ClassInfo,
+                           release_dir: str | None = None) -> ReleaseLookup:
+    """Locate and read the extension-release file of an image (strict matching). RELEASE_DIR
+    (relative to IMAGE_ROOT) overrides the class's usual place."""
+    d = chase(image_root, release_dir or cls.release_dir, must_exist=True)
     if d is None or not os.path.isdir(d):
         return ReleaseLookup(None)
     exact = os.path.join(d, "extension-release." + image_name)

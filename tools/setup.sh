@@ -11,6 +11,10 @@ need=()
 command -v unshare >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+# Image tools for the raw-image tests (squashfs, erofs, GPT disk images).
+command -v mksquashfs >/dev/null || need+=(squashfs-tools)
+command -v mkfs.erofs >/dev/null || need+=(erofs-utils)
+command -v sfdisk >/dev/null || need+=(fdisk)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
