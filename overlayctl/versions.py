@@ -28,18 +28,12 @@ def vercmp(a: str, b: str) -> int:
             j += 1
         ca = a[i] if i < la else ""
         cb = b[j] if j < lb else ""
-        for sep in ("~",):
-            if ca == sep or cb == sep:
-                r = _cmp(ca != sep, cb != sep)
-                if r:
-                    return r
-                i += 1
-                j += 1
-                ca = a[i] if i < la else ""
-                cb = b[j] if j < lb else ""
-        if not ca or not cb:
-            return _cmp(a[i:].encode(), b[j:].encode())
-        for sep in ("-", "^", "."):
+        # '~' sorts before everything (even the end); then the end; then '-' < '^' < '.'.
+        for sep in ("~", "", "-", "^", "."):
+            if not sep:
+                if not ca or not cb:
+                    return _cmp(a[i:].encode(), b[j:].encode())
+                continue
             if ca == sep or cb == sep:
                 r = _cmp(ca != sep, cb != sep)
                 if r:

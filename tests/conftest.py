@@ -92,24 +92,19 @@ class Root:
     def sysext(self, name: str, files: dict[str, str] | None = None, *,
                release: str | None = "ID=_any\n", where: str = "var/lib/extensions") -> Path:
         """A directory system extension; FILES maps paths inside it to contents."""
-        e = self.path / where / name
-        e.mkdir(parents=True, exist_ok=True)
-        if release is not None:
-            rel = e / "usr/lib/extension-release.d"
-            rel.mkdir(parents=True, exist_ok=True)
-            (rel / f"extension-release.{name}").write_text(release)
-        for p, text in (files or {}).items():
-            f = e / p.lstrip("/")
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(text)
-        return e
+        return self._extension("usr/lib", name, files, release, where)
 
     def confext(self, name: str, files: dict[str, str] | None = None, *,
                 release: str | None = "ID=_any\n", where: str = "var/lib/confexts") -> Path:
+        """A directory configuration extension; FILES maps paths inside it to contents."""
+        return self._extension("etc", name, files, release, where)
+
+    def _extension(self, release_parent: str, name: str, files: dict[str, str] | None,
+                   release: str | None, where: str) -> Path:
         e = self.path / where / name
         e.mkdir(parents=True, exist_ok=True)
         if release is not None:
-            rel = e / "etc/extension-release.d"
+            rel = e / release_parent / "extension-release.d"
             rel.mkdir(parents=True, exist_ok=True)
             (rel / f"extension-release.{name}").write_text(release)
         for p, text in (files or {}).items():
