@@ -115,17 +115,18 @@ def _since(us: int | None) -> str:
 
 def status_rows(s: Settings) -> list[dict[str, Any]]:
     from overlayctl import metadata, mountinfo
-    from overlayctl.apply import detached_alive, is_ours
+    from overlayctl.apply import can_mount_beneath, detached_alive, is_ours
     from overlayctl.paths import chase
     rows = []
     mounts = mountinfo.read()
+    atomic = can_mount_beneath()
     for h in s.hierarchies:
         target = chase(s.root, h, must_exist=True)
         if target is None or not os.path.isdir(target):
             continue
         row: dict[str, Any] = {"hierarchy": h, "extensions": "none", "since": None,
                                "mutable": None, "upperdir": None, "writable": False,
-                               "defaults": None}
+                               "defaults": None, "atomic_refresh": atomic}
         if is_ours(target, s.cls, mounts):
             merged = metadata.read_merged(target, s.cls)
             row["extensions"] = merged.names
@@ -174,6 +175,14 @@ def cmd_status(classes: list[str], args: argparse.Namespace) -> int:
             r["upperdir"] or ("(ephemeral)" if r["mutable"] in ("ephemeral", "ephemeral-import")
                               else "")]
            for r in rows], legend=not args.no_legend)
+    if rows and not rows[0]["atomic_refresh"]:
+        print("Note: this kernel cannot mount beneath (Linux < 6.5): refresh has a brief gap.",
+              file=sys.stderr)
+    for r in rows:
+        for d in r.get("detached", []):
+            procs = ", ".join(f"{p['pid']} ({p['name']})" for p in d["processes"])
+            print(f"Note: a detached overlay of {r['hierarchy']} is still in use: {procs}",
+                  file=sys.stderr)
     return 0
 
 
