@@ -700,10 +700,10 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                 faults.checkpoint("attach", h)
                 if replace and is_ours(t, cls):
                     old_work = metadata.read_merged(t, cls).work_dir
-                    if _stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h):
+                    if stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h):
                         # The upstream order, with a gap: after an interrupted refresh left
                         # overlays stacked, or without MOVE_MOUNT_BENEATH (Linux < 6.5).
-                        if _stacked_ours(t) <= 1:
+                        if stacked_ours(t) <= 1:
                             log(f"The kernel cannot mount beneath {t}: replacing it with a "
                                 "brief gap (needs Linux 6.5+).")
                         _detach(t, cls, settings.root)
@@ -751,7 +751,7 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
             log(f"Could not save the merge record of {b.plan.hierarchy}: {e.strerror}")
 
 
-def _stacked_ours(target: str) -> int:
+def stacked_ours(target: str) -> int:
     """How many of our overlays (sysext/confext) are stacked on TARGET."""
     return sum(1 for m in mountinfo.read()
                if m.mountpoint == target and m.fstype == "overlay"

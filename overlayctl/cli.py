@@ -218,17 +218,18 @@ def cmd_merge(classes: list[str], args: argparse.Namespace, verb: str) -> int:
     if not args.dry_run:
         _require_root()
     plans: list[dict[str, Any]] = []
-    done: list[str] = []
-    for c in classes:
-        try:
-            plans.extend(engine.merge(_settings(c, args), refresh=(verb == "refresh")))
-        except OverlayctlError:
-            if verb == "merge" and not args.dry_run:
-                # All or nothing across classes too: undo the classes this call merged.
-                for d in reversed(done):
-                    engine.unmerge(_settings(d, args))
-            raise
-        done.append(c)
+    # One journal for the whole call too, so that a call killed in its second class is
+    # completed, not refused as "already merged", by the next merge.
+    import contextlib
+
+    from overlayctl.apply import lock
+    journal = engine.journal_path(args.root, "call." + "+".join(classes))
+    with contextlib.nullcontext() if args.dry_run else lock(args.root):
+        recovering = os.path.exists(journal)
+        if not args.dry_run:
+            with open(journal, "w", encoding="utf-8") as f:
+                f.write(f"{os.getpid()}\n")
+        _merge_classes(classes, args, verb, plans, recovering, journal)
     if args.dry_run:
         if args.json != "off":
             from overlayctl.output import emit_json
@@ -237,6 +238,27 @@ def cmd_merge(classes: list[str], args: argparse.Namespace, verb: str) -> int:
             for p in plans:
                 _print_plan(p)
     return 0
+
+
+def _merge_classes(classes: list[str], args: argparse.Namespace, verb: str,
+                   plans: list[dict[str, Any]], recovering: bool, journal: str) -> None:
+    from overlayctl import engine
+    done: list[str] = []
+    try:
+        for c in classes:
+            try:
+                plans.extend(engine.merge(_settings(c, args), refresh=(verb == "refresh"),
+                                          recovering=recovering))
+            except OverlayctlError:
+                if verb == "merge" and not args.dry_run and not recovering:
+                    # All or nothing across classes too: undo the classes this call merged.
+                    for d in reversed(done):
+                        engine.unmerge(_settings(d, args))
+                raise
+            done.append(c)
+    finally:
+        if not args.dry_run and os.path.exists(journal):
+            os.unlink(journal)
 
 
 def _print_plan(p: dict[str, Any]) -> None:

@@ -70,7 +70,12 @@ def accepted_images(s: Settings, stack: contextlib.ExitStack) -> list[Image]:
     return accepted
 
 
-def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
+def journal_path(root: str, name: str) -> str:
+    """Marks a merge under way: left behind only by a process that was killed."""
+    return os.path.join(root, "run", "overlayctl", f"{name}.merging")
+
+
+def merge(s: Settings, refresh: bool = False, recovering: bool = False) -> list[dict[str, Any]]:
     """merge or refresh one class. Returns the plans (as JSON) for --dry-run."""
     with contextlib.nullcontext() if s.dry_run else apply.lock(s.root), \
             contextlib.ExitStack() as images:
@@ -78,8 +83,11 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
         targets = [t for t in (chase(s.root, h, must_exist=True) for h in s.hierarchies)
                    if t is not None]
         merged = [t for t in targets if apply.is_ours(t, s.cls)]
-        journal = os.path.join(s.root, "run", "overlayctl", f"{s.cls.name}.merging")
-        if merged and not refresh and os.path.exists(journal):
+        journal = journal_path(s.root, s.cls.name)
+        interrupted = recovering or os.path.exists(journal) or any(
+            apply.stacked_ours(t) > 1 for t in merged)
+        if merged and interrupted and not s.dry_run:
+            # A killed merge or refresh: finish the job by rebuilding, never skip it.
             log(f"An earlier merge of {s.cls.name} was interrupted: completing it.")
             refresh = True
         if merged and not refresh:
@@ -98,7 +106,8 @@ def merge(s: Settings, refresh: bool = False) -> list[dict[str, Any]]:
             if s.dry_run:
                 return [_shown_plan(p.as_json(), views) for p in plans]
             origin = apply.origin_of(s, plans, accepted)
-            if refresh and merged and not s.always_refresh and _unchanged(s, merged, origin):
+            if (refresh and merged and not s.always_refresh and not interrupted
+                    and _unchanged(s, merged, origin)):
                 log("Skipping extension refresh because no change was found, use "
                     "--always-refresh=yes to always do a refresh.")
                 return []
