@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -204,6 +205,14 @@ class Built:
     originals: list[int] = field(default_factory=list)  # O_PATH fds of carried mounts
     record: dict[str, Any] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)   # old ephemeral work dirs to drop
+    # What create_overlays() needs: layer paths, and binds to make read-only inside.
+    lowers: list[str] = field(default_factory=list)
+    upper: str | None = None
+    work: str | None = None
+    meta_rel: str | None = None
+    eph_base: str | None = None
+    eph_rel: str | None = None
+    owned: list[int] = field(default_factory=list)    # fds to close once the overlay exists
 
 
 def _flags(vfs: list[str]) -> tuple[int, int]:
@@ -264,50 +273,97 @@ def _escape_opt(s: str) -> str:
     return s.replace("\\", "\\\\").replace(",", "\\,")
 
 
-def _overlay_legacy(plan: HierarchyPlan, source: str, lowers: list[str], upper: str | None,
-                    work: str | None, ws: str, meta_rel: str | None) -> int:
-    """mount(2) in a private child namespace, then cloned out as a detached mount. Layers are
-    given as short relative symlinks, so the option page holds 500 layers and no path needs
-    escaping."""
-    links = os.path.join(ws, "links", os.path.basename(plan.target) or "root")
-    os.makedirs(links)
-    for i, p in enumerate(lowers):
-        os.symlink(p, os.path.join(links, str(i)))
-    if upper and work:
-        os.symlink(upper, os.path.join(links, "u"))
-        os.symlink(work, os.path.join(links, "w"))
-    opts = ["lowerdir=" + ":".join(str(i) for i in range(len(lowers)))]
-    if upper and work:
-        opts += ["upperdir=u", "workdir=w"]
-    opts += [_escape_opt(o) for o in plan.fs_options]
-    data = ",".join(opts)
-    if len(data) >= 4096:
-        raise die(f"the mount options for {plan.hierarchy} exceed one page",
-                  "use a kernel with lowerdir+ (Linux 6.8+) or fewer options")
-    _, ms = _flags(plan.vfs_options)
+_FD_PATH = re.compile(r"^/proc/self/fd/(\d+)(/.*)?$")
 
-    # A fresh empty directory can hide no layer; the mount on it exists only in the child's
-    # private namespace, and the directory is removed again right after.
+
+def _overlays_in_child(built: list[Built], source: str) -> list[int]:
+    """Build the overlays in one private child namespace, for kernels that refuse detached
+    mounts as layers (before about Linux 6.15) and for the mount(2) path. The workspace,
+    image and plain-view mounts the layers live on are attached there (once each: a detached
+    mount can be attached only once), on a directory only that namespace sees; each overlay,
+    with its read-only metadata (and ephemeral) binds, comes back as a detached mount.
+
+    With mount(2), layers are given as short relative symlinks, so one option page holds 500
+    layers and no path needs escaping."""
+    legacy = not k.have_new_mount_api()
+    # A fresh empty directory hides nothing; it is removed again right after.
     stage = tempfile.mkdtemp(prefix=".overlayctl-stage-",
                              dir="/run" if os.path.isdir("/run") else None)
 
+    attached: dict[str, str] = {}
+
+    def real(p: str) -> str:
+        """In the child: a /proc/self/fd/N path on a detached mount, as attached there."""
+        m = _FD_PATH.match(p)
+        if not m:
+            return p
+        n = m.group(1)
+        if n not in attached:
+            d = os.path.join(stage, "fd" + n)
+            os.mkdir(d)
+            k.move_mount(int(n), d)
+            attached[n] = d
+        return attached[n] + (m.group(2) or "")
+
     def child() -> tuple[dict[str, Any], list[int]]:
-        os.chdir(links)
-        k.mount(source, stage, "overlay", ms, data)
-        if meta_rel:
-            m = os.path.join(stage, meta_rel)
-            k.mount(m, m, None, k.MS_BIND, None)
+        k.mount("overlayctl", stage, "tmpfs", 0, "mode=0700")
+        out: list[int] = []
+        for i, b in enumerate(built):
+            try:
+                out.append(one(i, b))
+            except OSError as e:
+                raise die(f"cannot build the overlay for {b.plan.target}: {e.strerror}",
+                          _hint_for(e)) from None
+        return {}, out
+
+    def one(i: int, b: Built) -> int:
+        plan = b.plan
+        _, ms = _flags(plan.vfs_options)
+        low = [real(p) for p in b.lowers]
+        up = real(b.upper) if b.upper else None
+        wk = real(b.work) if b.work else None
+        ovl = os.path.join(stage, f"overlay{i}")
+        os.mkdir(ovl)
+        if legacy:
+            links = os.path.join(stage, f"links{i}")
+            os.mkdir(links)
+            for j, p in enumerate(low):
+                os.symlink(p, os.path.join(links, str(j)))
+            opts = ["lowerdir=" + ":".join(str(j) for j in range(len(low)))]
+            if up and wk:
+                os.symlink(up, os.path.join(links, "u"))
+                os.symlink(wk, os.path.join(links, "w"))
+                opts += ["upperdir=u", "workdir=w"]
+            opts += [_escape_opt(o) for o in plan.fs_options]
+            data = ",".join(opts)
+            if len(data) >= 4096:
+                raise die(f"the mount options for {plan.hierarchy} exceed one page",
+                          "use a kernel with lowerdir+ (Linux 6.8+) or fewer options")
+            os.chdir(links)
+            k.mount(source, ovl, "overlay", ms, data)
+            os.chdir("/")
+        else:
+            ofd = _overlay_new_api(plan, source, low, up, wk)
+            try:
+                k.move_mount(ofd, ovl)
+            finally:
+                os.close(ofd)
+        for rel, src in ((b.meta_rel, None), (b.eph_rel, b.eph_base)):
+            if not rel:
+                continue
+            m = os.path.join(ovl, rel)
+            k.mount(real(src) if src else m, m, None, k.MS_BIND, None)
             k.mount("none", m, None, k.MS_BIND | k.MS_REMOUNT | k.MS_RDONLY | ms, None)
-        return {}, [k.open_tree(stage, recursive=True)]
+        return k.open_tree(ovl, recursive=True)
 
     try:
         _, fds = _in_child(child)
     except OSError as e:
-        # The staging directory means nothing to the user; build() names the hierarchy.
+        # The staging directory means nothing to the user; the caller names the hierarchy.
         raise OSError(e.errno, e.strerror) from None
     finally:
         os.rmdir(stage)
-    return fds[0]
+    return fds
 
 
 def _mount_layers(plan: HierarchyPlan, ws: str,
@@ -404,9 +460,8 @@ def carried_ephemeral(target: str, cls: ExtClass) -> int | None:
     return fd
 
 
-def _ephemeral_dirs(plan: HierarchyPlan, carry: int | None, b_pending: list[tuple[int, str]],
-                    meta_dir: str, cls: ExtClass, stale: list[str],
-                    owned: list[int]) -> tuple[str, str]:
+def _ephemeral_dirs(plan: HierarchyPlan, carry: int | None, stale: list[str],
+                    owned: list[int]) -> tuple[str, str, str]:
     """Upper and work dir of an ephemeral overlay in a tmpfs of its own (new, or carried over
     from the overlay being replaced), exposed read-only in the metadata dir."""
     efd = _tmpfs() if carry is None else carry
@@ -430,10 +485,7 @@ def _ephemeral_dirs(plan: HierarchyPlan, carry: int | None, b_pending: list[tupl
         if os.path.exists(old):
             stale.append(old)
     os.mkdir(work, 0o700)
-    rfd = k.open_tree(base)
-    k.mount_setattr(rfd, "", k.MOUNT_ATTR_RDONLY)
-    b_pending.append((rfd, os.path.join(cls.meta_dir, EPHEMERAL_DIR)))
-    return upper, work
+    return upper, work, base
 
 
 def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, Any],
@@ -462,11 +514,10 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
             assert plan.upperdir is not None
             _makedirs(plan.upperdir, plan.top_mode, created)
         lowers, upper, work = _mount_layers(plan, ws, views)
-        eph_binds: list[tuple[int, str]] = []
         stale: list[str] = []
+        eph_base: str | None = None
         if plan.upper_kind == "ephemeral":
-            upper, work = _ephemeral_dirs(plan, carry, eph_binds, cls.meta_dir, cls, stale,
-                                          owned)
+            upper, work, eph_base = _ephemeral_dirs(plan, carry, stale, owned)
         elif plan.upper_kind is not None:
             assert work is not None
             if not os.path.isdir(work):
@@ -497,31 +548,17 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
         meta_dir = metadata.write_meta(meta_root, cls, names=plan.extensions,
                                        work_dir_rel=work_rel, origin=origin,
                                        backing=_backing(plan), record=record)
-        if eph_binds:
+        eph_rel = os.path.join(cls.meta_dir, EPHEMERAL_DIR) if eph_base else None
+        if eph_base:
             os.mkdir(os.path.join(meta_dir, EPHEMERAL_DIR), 0o700)
-        source = cls.name
-        if k.have_new_mount_api():
-            fd = _overlay_new_api(plan, source, lowers, upper, work)
-        else:
-            fd = _overlay_legacy(plan, source, lowers, upper, work, ws,
-                                 cls.meta_dir if plan.upper_kind else None)
-        try:
-            metadata.write_dev(meta_dir, os.fstat(fd).st_dev)
-            b = Built(plan, fd, meta_dir, created=created, record=record, stale=stale)
-            if plan.upper_kind and k.have_new_mount_api():
-                mfd = k.open_tree(cls.meta_dir, dirfd=fd)
-                k.mount_setattr(mfd, "", k.MOUNT_ATTR_RDONLY)
-                b.pending_binds.append((mfd, cls.meta_dir))
-            b.pending_binds.extend(eph_binds)
-            eph_binds = []
-            return b
-        except BaseException:
-            os.close(fd)
-            raise
+        b = Built(plan, -1, meta_dir, created=created, record=record, stale=stale,
+                  lowers=lowers, upper=upper, work=work,
+                  meta_rel=cls.meta_dir if plan.upper_kind else None,
+                  eph_base=eph_base, eph_rel=eph_rel, owned=owned)
+        owned = []
+        return b
     except OSError as e:
         _undo_created(created)
-        for bfd, _ in eph_binds:
-            os.close(bfd)
         raise die(f"cannot build the overlay for {plan.target}: {e.strerror or e}"
                   + (f" ({e.filename})" if e.filename else ""),
                   _hint_for(e)) from None
@@ -671,6 +708,39 @@ def unmerge(settings: Settings) -> int:
     return 0
 
 
+def create_overlays(built: list[Built], cls: ExtClass) -> None:
+    """Create the overlays of prepared hierarchies (directly, or all in one child namespace
+    where the kernel refuses detached layers), then write each 'dev' file."""
+    try:
+        if k.detached_layers_ok():
+            for b in built:
+                b.fd = _overlay_new_api(b.plan, cls.name, b.lowers, b.upper, b.work)
+                if b.meta_rel:
+                    # Read-only metadata (and the raw ephemeral upper, for diff and refresh),
+                    # grafted onto the overlay before anyone can see it.
+                    mfd = k.open_tree(b.meta_rel, dirfd=b.fd)
+                    b.pending_binds.append((mfd, b.meta_rel))
+                    k.mount_setattr(mfd, "", k.MOUNT_ATTR_RDONLY)
+                if b.eph_base and b.eph_rel:
+                    rfd = k.open_tree(b.eph_base)
+                    b.pending_binds.append((rfd, b.eph_rel))
+                    k.mount_setattr(rfd, "", k.MOUNT_ATTR_RDONLY)
+        else:
+            for b, fd in zip(built, _overlays_in_child(built, cls.name), strict=True):
+                b.fd = fd
+        for b in built:
+            metadata.write_dev(b.meta_dir, os.fstat(b.fd).st_dev)
+    except OSError as e:
+        failed = next((b for b in built if b.fd < 0), built[-1])
+        raise die(f"cannot build the overlay for {failed.plan.target}: {e.strerror or e}"
+                  + (f" ({e.filename})" if e.filename else ""), _hint_for(e)) from None
+    finally:
+        for b in built:
+            for fd in b.owned:
+                os.close(fd)
+            b.owned = []
+
+
 def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[str, Any],
                  views: dict[str, PlainView], replace: bool,
                  carry: dict[str, int] | None = None) -> None:
@@ -686,11 +756,13 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                 if not plan.merge:
                     continue
                 faults.checkpoint("build", plan.hierarchy)
-                b = build(settings, plan, ws, origin, views, (carry or {}).get(plan.target))
-                built.append(b)
+                built.append(build(settings, plan, ws, origin, views,
+                                   (carry or {}).get(plan.target)))
+            create_overlays(built, cls)
+            for b in built:
                 _carry_nested(b, mounts)
                 _graft(b, attached=False)
-                faults.checkpoint("built", plan.hierarchy)
+                faults.checkpoint("built", b.plan.hierarchy)
             for b in built:
                 t = b.plan.target
                 h = b.plan.hierarchy
@@ -737,7 +809,10 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
             raise
         finally:
             for b in built:
-                os.close(b.fd)
+                if b.fd >= 0:
+                    os.close(b.fd)
+                for fd in b.owned:
+                    os.close(fd)
                 for fd, _ in b.pending_binds:
                     os.close(fd)
                 for fd in b.originals:

@@ -7,7 +7,6 @@ Every function raises OSError with the errno of the failing call.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import platform
 from collections.abc import Iterator
@@ -102,31 +101,57 @@ def _b(s: str | None) -> bytes | None:
     return None if s is None else os.fsencode(s)
 
 
-_new_api: bool | None = None
+def kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        have = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return have >= (major, minor)
 
 
 def have_new_mount_api() -> bool:
-    """fsopen() for overlay with 'lowerdir+' (Linux 6.8+). Cached."""
-    global _new_api
-    if _new_api is None:
-        if os.environ.get("OVERLAYCTL_LEGACY_MOUNT") == "1":
-            _new_api = False
-            return False
+    """fsopen() for overlay with 'lowerdir+' (Linux 6.8+)."""
+    return os.environ.get("OVERLAYCTL_LEGACY_MOUNT") != "1" and kernel_at_least(6, 8)
+
+
+_detached_ok: bool | None = None
+
+
+def detached_layers_ok() -> bool:
+    """Can a detached mount (fsmount, open_tree clone) be an overlay layer? Newer kernels
+    allow it; older ones refuse with "failed to clone lowerpath". Probed once where in doubt
+    (Linux 6.8 to 6.16), assumed from 6.17 on."""
+    global _detached_ok
+    if os.environ.get("OVERLAYCTL_NO_DETACHED_LAYERS") == "1" or not have_new_mount_api():
+        return False
+    if _detached_ok is None:
+        _detached_ok = kernel_at_least(6, 17) or _probe_detached_layers()
+    return _detached_ok
+
+
+def _probe_detached_layers() -> bool:
+    try:
+        fd = fsopen("tmpfs")
         try:
-            fd = fsopen("overlay")
-        except OSError:
-            _new_api = False
-            return False
-        try:
-            # An empty-looking probe: the key must be known to the parser.
-            # ENOENT (path) means the key exists; EINVAL means it does not.
-            fsconfig_string(fd, "lowerdir+", "/nonexistent-overlayctl-probe")
-            _new_api = True
-        except OSError as e:
-            _new_api = e.errno == errno.ENOENT
+            fsconfig_create(fd)
+            t = fsmount(fd, 0)
         finally:
             os.close(fd)
-    return _new_api
+        try:
+            for d in ("a", "b"):
+                os.mkdir(f"/proc/self/fd/{t}/{d}")
+            fd = fsopen("overlay")
+            try:
+                for d in ("a", "b"):
+                    fsconfig_string(fd, "lowerdir+", f"/proc/self/fd/{t}/{d}")
+                fsconfig_create(fd)
+                return True
+            finally:
+                os.close(fd)
+        finally:
+            os.close(t)
+    except OSError:
+        return False
 
 
 def fsopen(fstype: str) -> int:
