@@ -15,10 +15,7 @@ import fcntl
 import json
 import os
 import re
-import shutil
-import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -100,6 +97,7 @@ def _unshare_private() -> None:
 def _in_child(fn: Any) -> tuple[dict[str, Any], list[int]]:
     """Run FN in a forked child with a private mount namespace; FN returns (data, fds).
     The fds (detached mounts) and the JSON data come back over a socket."""
+    import socket  # only on this path: keep it off the common start-up
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -287,6 +285,7 @@ def _overlays_in_child(built: list[Built], source: str) -> list[int]:
     layers and no path needs escaping."""
     legacy = not k.have_new_mount_api()
     # A fresh empty directory hides nothing; it is removed again right after.
+    import tempfile
     stage = tempfile.mkdtemp(prefix=".overlayctl-stage-",
                              dir="/run" if os.path.isdir("/run") else None)
 
@@ -479,7 +478,7 @@ def _ephemeral_dirs(plan: HierarchyPlan, carry: int | None, stale: list[str],
         stale.append(work)
         work = os.path.join(base, "work.1")
         if os.path.exists(work):
-            shutil.rmtree(work)
+            _rmtree(work)
     else:
         old = os.path.join(base, "work.1")
         if os.path.exists(old):
@@ -584,7 +583,7 @@ def _undo_created(created: list[str]) -> None:
     for d in reversed(created):
         try:
             if os.path.basename(d).startswith(".systemd-") and "-workdir" in d:
-                shutil.rmtree(d, ignore_errors=True)
+                _rmtree(d, ignore_errors=True)
             else:
                 os.rmdir(d)
         except OSError:
@@ -641,7 +640,7 @@ def _remove_workdir(root: str, rel: str | None, hierarchy_name: str) -> None:
     path = os.path.join(root, rel.lstrip("/"))
     if os.path.basename(path).startswith(".systemd-") and path.endswith(("-workdir",
                                                                         "-workdir.1")):
-        shutil.rmtree(path, ignore_errors=True)
+        _rmtree(path, ignore_errors=True)
 
 
 def _detach(target: str, cls: ExtClass, root: str) -> tuple[list[tuple[int, str]], list[str]]:
@@ -790,7 +789,7 @@ def put_in_place(settings: Settings, plans: list[HierarchyPlan], origin: dict[st
                 attached.append(b)
                 _graft(b, attached=True)
                 for w in b.stale:
-                    shutil.rmtree(w, ignore_errors=True)
+                    _rmtree(w, ignore_errors=True)
                 for orig in b.originals:
                     # The carried mounts now live in the overlay; the originals are covered.
                     try:
@@ -901,3 +900,8 @@ def detached_alive(root: str, cls_name: str, hierarchy: str) -> list[dict[str, A
         except OSError:
             pass
     return alive
+
+
+def _rmtree(path: str, ignore_errors: bool = False) -> None:
+    import shutil
+    shutil.rmtree(path, ignore_errors=ignore_errors)

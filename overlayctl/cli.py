@@ -4,7 +4,6 @@ Errors become one line on stderr and exit status 1; nothing else prints a traceb
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from typing import Any, NoReturn
@@ -110,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 def _since(us: int | None) -> str:
     if us is None:
         return ""
+    import datetime
     return datetime.datetime.fromtimestamp(us / 1e6).strftime("%a %Y-%m-%d %H:%M:%S")
 
 

@@ -117,10 +117,11 @@ def merge(s: Settings, refresh: bool = False, recovering: bool = False) -> list[
                     if not p.merge and p.target in merged:
                         sub = Settings(**{**s.__dict__, "hierarchies": (p.hierarchy,)})
                         apply.unmerge(sub)
-            from overlayctl.local import update_manifest
-            for p in plans:
-                if p.merge:
-                    update_manifest(s.root, s.cls, p)
+            if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
+                from overlayctl.local import update_manifest
+                for p in plans:
+                    if p.merge:
+                        update_manifest(s.root, s.cls, p)
             if refresh:
                 for p in plans:
                     if p.upper_kind == "ephemeral" and p.target in merged:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -221,7 +220,7 @@ def fd_closing(fd: int) -> Iterator[int]:
 
 def uname_architecture() -> str:
     """The kernel architecture in systemd's naming (x86-64, arm64, ...)."""
-    m = platform.machine()
+    m = os.uname().machine
     return {
         "x86_64": "x86-64", "i386": "x86", "i486": "x86", "i586": "x86", "i686": "x86",
         "aarch64": "arm64", "aarch64_be": "arm64-be", "armv7l": "arm", "armv8l": "arm",

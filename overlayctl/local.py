@@ -28,6 +28,7 @@ from overlayctl.upper import (
     is_opaque,
     is_whiteout,
     lower_entry,
+    merged_lower,
     remove,
     same_entry,
     upper_blocker,
@@ -48,15 +49,8 @@ def log(msg: str) -> None:
 def _lower_snapshot(layers: list[LayerRef], old: dict[str, Any]) -> dict[str, Any]:
     """rel -> [size, mtime_ns, ino, digest] for every entry the lower layers show; digests
     are reused from OLD when the stat identity is unchanged."""
-    rels: set[str] = set()
-    for layer in layers:
-        for rel, _, _ in walk_upper(layer.path):
-            rels.add(rel)
     snap: dict[str, Any] = {}
-    for rel in sorted(rels):
-        e = lower_entry(layers, rel)
-        if e is None:
-            continue
+    for rel, e in merged_lower(layers):
         ident = [e.st.st_size, e.st.st_mtime_ns, e.st.st_ino]
         prev = old.get(rel)
         if isinstance(prev, list) and prev[:3] == ident:
@@ -218,10 +212,11 @@ def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
                     _need_upper(st)
                 continue
             m = state.load_manifest(root, cls.name, h)
+            pinned = set(m["pinned"])
             for c in classify(st.upper, st.layers, [r for r in rels if r] or None):
                 j = c.as_json(h)
                 j["default_changed"] = _default_changed(c, m)
-                j["pinned"] = c.rel in m["pinned"]
+                j["pinned"] = c.rel in pinned
                 out.append(j)
     return out
 
@@ -234,7 +229,13 @@ def _default_changed(c: Change, m: dict[str, Any]) -> bool:
         return False
     if recorded == "":
         return True   # there was no default when the copy was made; now there is one
-    return bool(recorded != digest(c.lower.path, c.lower.st))
+    st = c.lower.st
+    snap = m["lower"].get(c.rel)
+    if isinstance(snap, list) and snap[:3] == [st.st_size, st.st_mtime_ns, st.st_ino]:
+        current = snap[3]          # unchanged since the last merge: no need to hash it again
+    else:
+        current = digest(c.lower.path, st)
+    return bool(recorded != current)
 
 
 def _targets(root: str, paths: list[str]) -> dict[tuple[ExtClass, str], list[str]]:

@@ -63,8 +63,9 @@ def write_meta(meta_root: str, cls: ExtClass, *, names: list[str], work_dir_rel:
         _write(os.path.join(d, "work_dir"), c_escape(work_dir_rel) + "\n")
     if backing:
         _write(os.path.join(d, "backing"), backing + "\n")
-    _write(os.path.join(d, "origin"), json.dumps(origin, indent=2, sort_keys=True) + "\n")
-    _write(os.path.join(d, RECORD), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # Compact: with indent, json falls back to its slow pure-Python encoder (500 extensions).
+    _write(os.path.join(d, "origin"), json.dumps(origin, sort_keys=True) + "\n")
+    _write(os.path.join(d, RECORD), json.dumps(record, sort_keys=True) + "\n")
     return d
 
 

@@ -4,8 +4,6 @@ make. Never reads through an overlay: callers pass the raw upper and the lower l
 
 from __future__ import annotations
 
-import filecmp
-import hashlib
 import os
 import shutil
 import stat
@@ -135,6 +133,7 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
         return False
     if stat.S_ISREG(sa.st_mode):
+        import filecmp
         if sa.st_size != sb.st_size or not filecmp.cmp(a, b, shallow=False):
             return False
     elif stat.S_ISLNK(sa.st_mode):
@@ -147,6 +146,7 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
 
 def digest(path: str, st: os.stat_result | None = None) -> str:
     """A fingerprint of an entry's content and metadata (for default_changed)."""
+    import hashlib
     st = st or os.lstat(path)
     h = hashlib.sha256()
     h.update(f"{stat.S_IFMT(st.st_mode)}:{stat.S_IMODE(st.st_mode)}:{st.st_uid}:{st.st_gid}"
@@ -192,32 +192,118 @@ def walk_upper(upper: str, rel_dir: str = "") -> Iterator[tuple[str, str, os.sta
             yield from walk_upper(upper, rel)
 
 
+LowerDirs = list[tuple[LayerRef, str]]
+
+
+def lower_children(dirs: LowerDirs) -> tuple[dict[str, Entry], dict[str, LowerDirs]]:
+    """What the lower layers show in one directory, given that directory in each layer that
+    contributes (top to bottom): name -> topmost entry, and for subdirectories the layers
+    that contribute to them (overlayfs rules: whiteouts, opaque dirs and non-directories
+    hide what is below them). Each lower directory is listed once."""
+    seen: dict[str, Entry] = {}
+    subdirs: dict[str, LowerDirs] = {}
+    closed: set[str] = set()
+    for layer, d in dirs:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for n in names:
+            if n in closed:
+                continue
+            p = os.path.join(d, n)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            isdir = stat.S_ISDIR(st.st_mode)
+            if n not in seen:
+                if is_whiteout(p, st):
+                    closed.add(n)
+                    continue
+                seen[n] = Entry(layer, p, st)
+                if isdir:
+                    subdirs[n] = [(layer, p)]
+                    if is_opaque(p):
+                        closed.add(n)
+                else:
+                    closed.add(n)
+            elif isdir and not is_whiteout(p, st):
+                subdirs[n].append((layer, p))
+                if is_opaque(p):
+                    closed.add(n)
+            else:
+                closed.add(n)
+    return seen, subdirs
+
+
+def merged_lower(layers: list[LayerRef], rel: str = "",
+                 dirs: LowerDirs | None = None) -> Iterator[tuple[str, Entry]]:
+    """Every entry the lower layers show, parents first, in one walk."""
+    if dirs is None:
+        dirs = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
+    seen, subdirs = lower_children(dirs)
+    for n in sorted(seen):
+        r = os.path.join(rel, n)
+        yield r, seen[n]
+        if n in subdirs:
+            yield from merged_lower(layers, r, subdirs[n])
+
+
 def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) -> list[Change]:
-    """Every entry of the raw upper that is a change against the layers below."""
+    """Every entry of the raw upper that is a change against the layers below. Walks the
+    upper and the lower layers side by side, so each directory is listed once."""
     changes: list[Change] = []
-    for rel, p, st in walk_upper(upper):
-        if rels and not any(rel == r or rel.startswith(r.rstrip("/") + "/") for r in rels):
-            continue
-        # Below an opaque directory (or a whiteout) of the upper nothing shows through.
-        low = None if upper_blocker(upper, rel) else lower_entry(layers, rel)
-        if is_whiteout(p, st):
-            changes.append(Change(rel, "deleted", low))
-            continue
-        if low is None:
-            changes.append(Change(rel, "added", None))
-            continue
-        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(low.st.st_mode):
-            changes.append(Change(rel, "type-changed", low))
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            if is_opaque(p) and lower_names(layers, rel):
-                changes.append(Change(rel, "opaque", low))
-            elif not same_entry(p, st, low.path, low.st):
-                changes.append(Change(rel, "modified", low))
-            continue
-        same = same_entry(p, st, low.path, low.st)
-        changes.append(Change(rel, "identical" if same else "modified", low))
+    roots = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
+
+    def wanted(rel: str) -> bool:
+        return not rels or any(rel == r or rel.startswith(r.rstrip("/") + "/")
+                               or r.startswith(rel + "/") for r in rels)
+
+    def walk(rel_dir: str, lower: LowerDirs | None) -> None:
+        try:
+            names = sorted(os.listdir(os.path.join(upper, rel_dir)))
+        except OSError:
+            return
+        below, subdirs = lower_children(lower) if lower else ({}, {})
+        for n in names:
+            rel = os.path.join(rel_dir, n)
+            if not wanted(rel):
+                continue
+            p = os.path.join(upper, rel)
+            st = os.lstat(p)
+            low = below.get(n)
+            in_scope = not rels or any(rel == r or rel.startswith(r.rstrip("/") + "/")
+                                       for r in rels)
+            if is_whiteout(p, st):
+                if in_scope:
+                    changes.append(Change(rel, "deleted", low))
+                continue
+            isdir = stat.S_ISDIR(st.st_mode)
+            opaque = isdir and is_opaque(p)
+            if in_scope:
+                change = _change_of(p, st, low, opaque, subdirs.get(n))
+                if change:
+                    changes.append(Change(rel, change, low))
+            if isdir:
+                # Below an opaque upper directory nothing of the lower layers shows through.
+                walk(rel, None if opaque or low is None else subdirs.get(n))
+
+    walk("", roots)
     return sorted(changes, key=lambda c: c.rel)
+
+
+def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
+               lower_dirs: LowerDirs | None) -> str | None:
+    if low is None:
+        return "added"
+    if stat.S_IFMT(st.st_mode) != stat.S_IFMT(low.st.st_mode):
+        return "type-changed"
+    if stat.S_ISDIR(st.st_mode):
+        if opaque and lower_dirs and lower_children(lower_dirs)[0]:
+            return "opaque"
+        return None if same_entry(p, st, low.path, low.st) else "modified"
+    return "identical" if same_entry(p, st, low.path, low.st) else "modified"
 
 
 def upper_blocker(upper: str, rel: str) -> str | None:
