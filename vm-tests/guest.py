@@ -1,0 +1,447 @@
+#!/usr/bin/python3
+"""The part of vm-tests that runs inside the guest (started by /payload/run).
+
+    guest.py install   boot 0, vm-init as PID 1: install overlayctl, its units and the
+                       test fixtures into the (persistent) root; merge nothing
+    guest.py boot1     systemd as PID 1: the units merged everything at boot; check it,
+                       write to /etc, switch /usr to an ephemeral upper and write to it
+    guest.py boot2     systemd as PID 1: /etc writes persisted, ephemeral writes gone,
+                       diff reports the default that the host updated between the boots,
+                       refresh under a reader loop
+
+Every check prints one line "CHECK PASS|FAIL name :: detail"; run.sh counts them. Command
+output is printed indented with "| ". The exit status is 1 when a check failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+P = "/payload"
+OL = "/usr/local/bin/overlayctl"
+LIB = "/usr/local/lib/overlayctl"
+STATE = "/var/lib/vmtest"            # on the persistent root: results handed from boot to boot
+DEFAULTS = "/usr/share/vmtest/etc-defaults"
+failed = 0
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def check(name: str, cond: object, detail: str = "") -> bool:
+    global failed
+    ok = bool(cond)
+    if not ok:
+        failed += 1
+    say(f"CHECK {'PASS' if ok else 'FAIL'} {name} :: {detail}")
+    return ok
+
+
+def sh(cmd: str, show: bool = True, quiet_ok: bool = False) -> tuple[int, str]:
+    t = time.monotonic()
+    r = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    out = (r.stdout + r.stderr).rstrip("\n")
+    if show and not (quiet_ok and r.returncode == 0):
+        say(f"$ {cmd}   [rc={r.returncode}, {time.monotonic() - t:.2f}s]")
+        for line in out.splitlines():
+            say(f"  | {line}")
+    return r.returncode, out
+
+
+def ol(args: str, show: bool = True) -> tuple[int, str]:
+    return sh(f"{OL} {args}", show)
+
+
+def ol_json(args: str) -> object:
+    r = subprocess.run(f"{OL} {args}", shell=True, capture_output=True, text=True)
+    say(f"$ overlayctl {args}   [rc={r.returncode}]")
+    for line in (r.stdout + r.stderr).splitlines():
+        say(f"  | {line}")
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return None
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def write(path: str, text: str, mode: int = 0o644) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def unit_prop(unit: str, *props: str) -> dict[str, str]:
+    r = subprocess.run(["systemctl", "show", "-p", ",".join(props), unit],
+                       capture_output=True, text=True)
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+def boot_id() -> str:
+    return (read("/proc/sys/kernel/random/boot_id") or "").strip()
+
+
+def status_by_hierarchy() -> dict[str, dict[str, object]]:
+    rows = ol_json("status --json=short")
+    return {r["hierarchy"]: r for r in rows} if isinstance(rows, list) else {}
+
+
+def diff_by_path() -> dict[str, dict[str, object]]:
+    rows = ol_json("confext diff --json=short")
+    return {r["path"]: r for r in rows} if isinstance(rows, list) else {}
+
+
+# ------------------------------------------------------------------------------------ install
+
+HELLO = """#!/bin/sh
+# /usr/bin/hello-ext: shipped only by the system extension 'hello'
+echo "hello-ext $(cat /usr/share/hello-ext/version) boot_id=$(cat /proc/sys/kernel/random/boot_id)"
+"""
+
+HELLO_UNIT = """[Unit]
+Description=Run /usr/bin/hello-ext, which only the system extension 'hello' provides
+After=overlayctl-sysext.service
+Wants=overlayctl-sysext.service
+Before=vm-test.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'mkdir -p /var/lib/vmtest && /usr/bin/hello-ext > /var/lib/vmtest/hello-ext.out'
+
+[Install]
+WantedBy=vm-test.target multi-user.target
+"""
+
+
+def stage_install() -> None:
+    say("installing overlayctl and the test fixtures into the guest's persistent root")
+    osr = dict(line.split("=", 1) for line in (read("/usr/lib/os-release") or "").splitlines()
+               if "=" in line)
+    vid = osr.get("VERSION_ID", "").strip('"')
+    # the project: the package as copied into the payload, started by a launcher
+    shutil.rmtree(LIB, ignore_errors=True)
+    shutil.copytree(f"{P}/overlayctl", f"{LIB}/overlayctl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    write(OL, f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, {LIB!r})\n"
+              "from overlayctl.cli import main\nsys.exit(main())\n", 0o755)
+    rc, out = ol("--version")
+    check("install: overlayctl runs in the guest", rc == 0 and out.startswith("overlayctl"), out)
+    rc, _ = sh(f"bash {P}/tools/install-units.sh {OL} /etc/systemd/system")
+    check("install: tools/install-units.sh", rc == 0)
+    unit = read("/etc/systemd/system/overlayctl-sysext.service") or ""
+    check("install: @OVERLAYCTL@ substituted", f"ExecStart={OL} sysext refresh" in unit)
+
+    # sysext 'hello' (directory) with the binary that hello-ext.service runs at boot
+    ext = "/var/lib/extensions/hello"
+    write(f"{ext}/usr/lib/extension-release.d/extension-release.hello",
+          f"ID={osr.get('ID', 'debian')}\nVERSION_ID={vid}\n")
+    write(f"{ext}/usr/bin/hello-ext", HELLO, 0o755)
+    write(f"{ext}/usr/share/hello-ext/version", "1.0\n")
+    # raw images built on the host (squashfs, erofs, GPT with a /usr partition)
+    for name in sorted(os.listdir(f"{P}/images")):
+        shutil.copy(f"{P}/images/{name}", f"/var/lib/extensions/{name}")
+    write("/etc/systemd/system/hello-ext.service", HELLO_UNIT)
+
+    # confext 'vmconf' over a defaults layer, the real /etc as the upper (Flatcar model)
+    write("/var/lib/confexts/vmconf/etc/extension-release.d/extension-release.vmconf",
+          "ID=_any\n")
+    write("/var/lib/confexts/vmconf/etc/vmtest/from-confext.conf", "from confext vmconf\n")
+    write(f"{DEFAULTS}/vmtest/default.conf", "default v1\n")
+    write(f"{DEFAULTS}/vmtest/untouched.conf", "untouched v1\n")
+    write("/usr/lib/overlayctl/confext.conf", f"[Defaults]\n/etc={DEFAULTS}\n")
+    write("/etc/systemd/confext.conf", "[ConfExt]\nMutable=yes\n")
+    os.makedirs("/var/lib/extensions.mutable", exist_ok=True)
+    if not os.path.islink("/var/lib/extensions.mutable/etc"):
+        os.symlink("/etc", "/var/lib/extensions.mutable/etc")
+
+    # enable offline (PID 1 is not systemd here), as a package's postinst would
+    rc, _ = sh("systemctl enable overlayctl-confext.service overlayctl-sysext.service "
+               "hello-ext.service")
+    wants = sorted(os.listdir("/etc/systemd/system/sysinit.target.wants"))
+    check("install: units enabled (sysinit.target.wants)", rc == 0 and
+          {"overlayctl-confext.service", "overlayctl-sysext.service"} <= set(wants),
+          " ".join(w for w in wants if "overlayctl" in w))
+    # a machine id now, so that boot 1 is not systemd's "first boot"
+    sh("systemd-machine-id-setup", quiet_ok=True)
+    os.makedirs(STATE, exist_ok=True)
+    ol("list")
+    rows = ol_json("sysext list --json=short") or []
+    types = {r["name"]: r["type"] for r in rows} if isinstance(rows, list) else {}
+    check("install: sysext list sees the directory and the raw images",
+          types == {"hello": "directory", "sqext": "raw", "erofsext": "raw", "gptext": "raw"},
+          str(types))
+    # nothing is merged now: boot 1's units must do it
+    st = status_by_hierarchy()
+    check("install: nothing merged before boot 1",
+          all(r.get("extensions") == "none" for r in st.values()), "")
+
+
+# ------------------------------------------------------------------------------------ boot 1
+
+def units_merged_at_boot(boot: str) -> None:
+    for u in ("overlayctl-confext.service", "overlayctl-sysext.service"):
+        p = unit_prop(u, "UnitFileState", "ActiveState", "SubState", "Result",
+                      "ExecMainStatus", "ExecMainExitTimestampMonotonic")
+        check(f"{boot}: {u} enabled and ran at boot",
+              p.get("UnitFileState") == "enabled" and p.get("ActiveState") == "active"
+              and p.get("Result") == "success",
+              f"{p.get('UnitFileState')} {p.get('ActiveState')}/{p.get('SubState')} "
+              f"result={p.get('Result')} status={p.get('ExecMainStatus')}")
+        sh(f"journalctl -b -o cat --no-pager -u {u}")
+    # order: confext before sysext before hello-ext (as the units say)
+    conf = unit_prop("overlayctl-confext.service", "ExecMainExitTimestampMonotonic")
+    sysx = unit_prop("overlayctl-sysext.service", "ExecMainStartTimestampMonotonic",
+                     "ExecMainExitTimestampMonotonic")
+    hello = unit_prop("hello-ext.service", "ActiveState", "Result",
+                      "ExecMainStartTimestampMonotonic")
+    tmpf = unit_prop("systemd-tmpfiles-setup.service", "ExecMainStartTimestampMonotonic")
+    c_end = int(conf.get("ExecMainExitTimestampMonotonic") or 0)
+    s_start = int(sysx.get("ExecMainStartTimestampMonotonic") or 0)
+    s_end = int(sysx.get("ExecMainExitTimestampMonotonic") or 0)
+    h_start = int(hello.get("ExecMainStartTimestampMonotonic") or 0)
+    t_start = int(tmpf.get("ExecMainStartTimestampMonotonic") or 0)
+    check(f"{boot}: order confext -> sysext -> hello-ext.service",
+          0 < c_end <= s_start and 0 < s_end <= h_start,
+          f"confext done {c_end / 1e6:.2f}s, sysext {s_start / 1e6:.2f}-{s_end / 1e6:.2f}s, "
+          f"hello-ext start {h_start / 1e6:.2f}s (monotonic)")
+    if t_start:
+        check(f"{boot}: sysext merged before systemd-tmpfiles-setup", s_end <= t_start,
+              f"tmpfiles start {t_start / 1e6:.2f}s")
+    out = (read(f"{STATE}/hello-ext.out") or "").strip()
+    check(f"{boot}: hello-ext.service ran /usr/bin/hello-ext from the sysext at boot",
+          hello.get("Result") == "success" and out == f"hello-ext 1.0 boot_id={boot_id()}",
+          f"result={hello.get('Result')} output={out!r}")
+    st = status_by_hierarchy()
+    usr, etc = st.get("/usr", {}), st.get("/etc", {})
+    check(f"{boot}: /usr merged by the unit with the directory and raw sysexts",
+          usr.get("extensions") == ["erofsext", "gptext", "hello", "sqext"]
+          and usr.get("mutable") == "no",
+          f"{usr.get('extensions')} mutable={usr.get('mutable')}")
+    check(f"{boot}: /etc merged by the unit: confext over defaults, real /etc as upper",
+          etc.get("extensions") == ["vmconf"] and etc.get("mutable") == "yes"
+          and etc.get("defaults") == DEFAULTS and etc.get("writable") is True,
+          f"{etc.get('extensions')} mutable={etc.get('mutable')} upper={etc.get('upperdir')} "
+          f"defaults={etc.get('defaults')}")
+    for name, path, want in (("squashfs", "/usr/share/vmtest/squashfs.txt", "from squashfs\n"),
+                             ("erofs", "/usr/share/vmtest/erofs.txt", "from erofs\n"),
+                             ("GPT /usr partition", "/usr/share/vmtest/gpt.txt", "from gpt\n")):
+        got = read(path)
+        check(f"{boot}: {name} sysext image merged at boot", got == want, f"{path}: {got!r}")
+    sh("grep -E ' (/usr|/etc|/opt)( |/)' /proc/self/mountinfo | cut -d' ' -f5,9,10 "
+       "| sed 's/lowerdir=/\\n      lowerdir=/'")
+    sh("losetup -l -O NAME,RO,AUTOCLEAR,BACK-FILE")
+
+
+def diagnose_unmerged() -> None:
+    """Not a check: when the units could not merge, show what the kernel said and whether
+    the legacy mount(2) path (OVERLAYCTL_LEGACY_MOUNT=1) works on this kernel."""
+    if read("/usr/bin/hello-ext") is not None:
+        return
+    say("DIAGNOSIS: nothing is merged; kernel messages and a try with OVERLAYCTL_LEGACY_MOUNT=1:")
+    sh("dmesg | grep -i overlay | tail -4")
+    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} sysext merge --no-reload && cat /usr/share/vmtest/squashfs.txt"
+       f" && {OL} sysext unmerge")
+    sh("dmesg | grep -i overlay | tail -2")
+    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} confext merge --no-reload && cat /etc/vmtest/from-confext.conf"
+       f" && {OL} confext unmerge")
+    sh("dmesg | grep -i overlay | tail -2")
+
+
+def stage_boot1() -> None:
+    units_merged_at_boot("boot1")
+    diagnose_unmerged()
+    write(f"{STATE}/boot1.boot_id", boot_id())
+    # the confext over the defaults layer
+    check("boot1: /etc/vmtest/from-confext.conf from the confext",
+          read("/etc/vmtest/from-confext.conf") == "from confext vmconf\n")
+    check("boot1: /etc/vmtest/default.conf from the defaults layer",
+          read("/etc/vmtest/default.conf") == "default v1\n")
+    w = ol_json("which /etc/vmtest/untouched.conf --json=short") or {}
+    check("boot1: which: untouched.conf comes from the defaults layer",
+          isinstance(w, dict) and w.get("layer") == "defaults", str(w))
+    # writes to the merged /etc land in the real /etc (the upper)
+    write("/etc/vmtest/local.conf", "written in boot 1\n")
+    with open("/etc/vmtest/default.conf", "a") as f:
+        f.write("local edit in boot 1\n")
+    check("boot1: a write to /etc is visible",
+          read("/etc/vmtest/local.conf") == "written in boot 1\n"
+          and read("/etc/vmtest/default.conf") == "default v1\nlocal edit in boot 1\n")
+    d = diff_by_path()
+    dl, dd = d.get("/etc/vmtest/local.conf", {}), d.get("/etc/vmtest/default.conf", {})
+    check("boot1: diff: local.conf added, default.conf modified (default not changed yet)",
+          dl.get("change") == "added" and dd.get("change") == "modified"
+          and dd.get("layer") == "defaults" and dd.get("default_changed") is False,
+          f"local={dl} default={dd}")
+
+    # an ephemeral /usr: writable, and the writes go to a tmpfs
+    rc1, _ = ol("sysext unmerge")
+    rc2, _ = ol("sysext merge --mutable=ephemeral")
+    write("/usr/share/vmtest/ephemeral.txt", "written to the ephemeral /usr in boot 1\n")
+    os.makedirs("/usr/local/share/vmtest-ephemeral", exist_ok=True)
+    st = status_by_hierarchy().get("/usr", {})
+    rc3, out = sh("/usr/bin/hello-ext")
+    check("boot1: /usr re-merged with --mutable=ephemeral and written to",
+          rc1 == 0 and rc2 == 0 and st.get("mutable") == "ephemeral"
+          and read("/usr/share/vmtest/ephemeral.txt") is not None and rc3 == 0,
+          f"status mutable={st.get('mutable')} writable={st.get('writable')}")
+    # left merged (ephemeral) at power off, like a machine that is just switched off
+
+
+# ------------------------------------------------------------------------------------ boot 2
+
+READER = r"""
+import os, subprocess, sys, time
+stop, out = sys.argv[1], sys.argv[2]
+files = [(p, open(p).read()) for p in sys.argv[3:]]
+n = bad = runs = 0
+errors = []
+while not os.path.exists(stop):
+    for p, want in files:
+        try:
+            with open(p) as f:
+                got = f.read()
+            if got != want:
+                bad += 1
+                errors.append(f"{p}: content {got!r}")
+        except OSError as e:
+            bad += 1
+            errors.append(f"{p}: {e}")
+    n += 1
+    if n % 25 == 0 and files[0][0].startswith("/usr"):
+        runs += 1
+        r = subprocess.run(["/usr/bin/hello-ext"], capture_output=True)
+        if r.returncode != 0:
+            bad += 1
+            errors.append(f"exec /usr/bin/hello-ext: rc={r.returncode} {r.stderr[-200:]!r}")
+import json
+json.dump({"loops": n, "bad": bad, "execs": runs, "errors": errors[:10]}, open(out, "w"))
+"""
+
+
+def refresh_under_reader(boot: str, cls: str, files: list[str], rounds: int,
+                         flip_dir: str, flip_file: str, release: str) -> None:
+    """Start a reader loop over FILES, run ROUNDS refreshes, each with a real change
+    (extension 'flip' added or removed), and count what the reader missed."""
+    missing = [f for f in files if read(f) is None]
+    if missing:
+        check(f"{boot}: {rounds} x '{cls} refresh' under a reader loop", False,
+              f"not run: {' '.join(missing)} missing (nothing merged?)")
+        return
+    stop, out = f"/tmp/reader-{cls}.stop", f"/tmp/reader-{cls}.json"
+    write("/tmp/reader.py", READER)
+    rd = subprocess.Popen([sys.executable, "/tmp/reader.py", stop, out, *files])
+    time.sleep(0.5)
+    times, errs, wrong = [], [], 0
+    for i in range(rounds):
+        if i % 2 == 0:
+            write(f"{flip_dir}/{release}", "ID=_any\n")
+            write(f"{flip_dir}/{flip_file}", f"flip {i}\n")
+        else:
+            shutil.rmtree(flip_dir)
+        t = time.monotonic()
+        r = subprocess.run([OL, cls, "refresh"], capture_output=True, text=True)
+        times.append(time.monotonic() - t)
+        if r.returncode != 0:
+            errs.append(f"round {i}: rc={r.returncode} {r.stderr.strip()}")
+        want = f"flip {i}\n" if i % 2 == 0 else None
+        if read("/" + flip_file) != want:
+            wrong += 1
+            errs.append(f"round {i}: /{flip_file} is {read('/' + flip_file)!r}, want {want!r}")
+    time.sleep(0.3)
+    write(stop, "")
+    rd.wait(timeout=60)
+    res = json.loads(read(out) or "{}")
+    say(f"  {cls} refresh x{rounds}: {min(times):.2f}-{max(times):.2f}s each "
+        f"(median {sorted(times)[len(times) // 2]:.2f}s); reader: {res.get('loops')} loops, "
+        f"{res.get('execs')} execs of /usr/bin/hello-ext, {res.get('bad')} misses")
+    for e in errs[:10] + res.get("errors", []):
+        say(f"  | {e}")
+    check(f"{boot}: {rounds} x '{cls} refresh' all succeeded and changed the tree", not errs,
+          f"{len(errs)} problems")
+    check(f"{boot}: a reader loop over {' '.join(files)} missed nothing during the "
+          f"{cls} refreshes", res.get("bad") == 0 and res.get("loops", 0) > rounds,
+          f"{res.get('loops')} loops, {res.get('bad')} misses")
+
+
+def stage_boot2() -> None:
+    units_merged_at_boot("boot2")
+    prev = (read(f"{STATE}/boot1.boot_id") or "").strip()
+    check("boot2: this is another boot than boot 1", prev and prev != boot_id(),
+          f"boot 1 {prev[:8]}, now {boot_id()[:8]}")
+    # persistence of /etc
+    check("boot2: the file written to /etc in boot 1 is there",
+          read("/etc/vmtest/local.conf") == "written in boot 1\n",
+          repr(read("/etc/vmtest/local.conf")))
+    check("boot2: the local edit of default.conf still wins over the updated default",
+          read("/etc/vmtest/default.conf") == "default v1\nlocal edit in boot 1\n",
+          repr(read("/etc/vmtest/default.conf")))
+    check("boot2: an untouched default follows the update",
+          read("/etc/vmtest/untouched.conf") == "untouched v2\n",
+          repr(read("/etc/vmtest/untouched.conf")))
+    check("boot2: the confext is still merged over the defaults",
+          read("/etc/vmtest/from-confext.conf") == "from confext vmconf\n")
+    d = diff_by_path()
+    dd, dl = d.get("/etc/vmtest/default.conf", {}), d.get("/etc/vmtest/local.conf", {})
+    check("boot2: diff --json=short: default.conf default_changed=true",
+          dd.get("change") == "modified" and dd.get("layer") == "defaults"
+          and dd.get("default_changed") is True, str(dd))
+    check("boot2: diff: local.conf still 'added', not default_changed",
+          dl.get("change") == "added" and dl.get("default_changed") is False, str(dl))
+    sh(f"{OL} confext diff --content /etc/vmtest/default.conf")
+    # the ephemeral /usr of boot 1
+    check("boot2: the write to the ephemeral /usr of boot 1 is gone",
+          not os.path.exists("/usr/share/vmtest/ephemeral.txt")
+          and not os.path.exists("/usr/local/share/vmtest-ephemeral"))
+    # refresh under a reader loop: one file from an extension, one from the base
+    refresh_under_reader("boot2", "sysext",
+                         ["/usr/share/hello-ext/version", "/usr/lib/os-release",
+                          "/usr/share/vmtest/squashfs.txt"], 20,
+                         "/var/lib/extensions/flip", "usr/share/vmtest/flip.txt",
+                         "usr/lib/extension-release.d/extension-release.flip")
+    refresh_under_reader("boot2", "confext",
+                         ["/etc/vmtest/from-confext.conf", "/etc/vmtest/local.conf",
+                          "/etc/vmtest/untouched.conf", "/etc/hostname"], 10,
+                         "/var/lib/confexts/flip", "etc/vmtest/flip.conf",
+                         "etc/extension-release.d/extension-release.flip")
+    st = status_by_hierarchy()
+    check("boot2: after the refreshes /usr and /etc are merged as before",
+          st.get("/usr", {}).get("extensions") == ["erofsext", "gptext", "hello", "sqext"]
+          and st.get("/etc", {}).get("extensions") == ["vmconf"]
+          and st.get("/etc", {}).get("mutable") == "yes",
+          f"/usr {st.get('/usr', {}).get('extensions')}, /etc {st.get('/etc', {}).get('extensions')}")
+    sh("losetup -l -O NAME,BACK-FILE")
+
+
+def main() -> int:
+    stage = sys.argv[1] if len(sys.argv) > 1 else ""
+    say(f"guest.py {stage}: kernel {os.uname().release}, PID 1 is {read('/proc/1/comm')!r}"
+        .replace("\\n", ""))
+    try:
+        {"install": stage_install, "boot1": stage_boot1, "boot2": stage_boot2}[stage]()
+    except Exception as e:      # a crash is a failed check, with the traceback on the console
+        import traceback
+        for line in traceback.format_exc().splitlines():
+            say(f"  | {line}")
+        check(f"{stage}: guest script completed", False, repr(e))
+    say(f"guest.py {stage}: done in {time.monotonic() - T0:.1f}s, {failed} failed")
+    sys.stdout.flush()
+    os.sync()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

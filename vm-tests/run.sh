@@ -1,0 +1,219 @@
+#!/bin/bash
+# vm-tests/run.sh: overlayctl in a real VM, across real reboots (QEMU TCG, Debian trixie).
+#
+#   sudo vm-tests/run.sh
+#
+# Builds or reuses (cache: $OVERLAYCTL_VM_CACHE, default /var/cache/overlayctl-vm) a Debian
+# cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, systemd,
+# squashfs-tools, erofs-utils), then boots a writable copy of that root three times:
+#
+#   boot 0  vm-init   install overlayctl (this checkout's package), its units
+#                     (tools/install-units.sh + systemctl enable) and the fixtures
+#   boot 1  systemd   the units merge a sysext (directory + squashfs + erofs + GPT images)
+#                     and a confext over a defaults layer with the real /etc as upper;
+#                     hello-ext.service runs the sysext's binary; /etc is written;
+#                     /usr is re-merged --mutable=ephemeral and written
+#   (host)            checks the root on disk, then "updates the OS": changes two defaults
+#   boot 2  systemd   /etc writes kept, ephemeral /usr writes gone, diff reports
+#                     default_changed; 20 sysext and 10 confext refreshes under a reader loop
+#
+# The sequence runs once per guest kernel in $OVERLAYCTL_VM_KERNELS (default "trixie
+# trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports).
+#
+# Prints every boot's console (lines "guest| ..."), its duration, and "N passed, N failed".
+# Exit status 0 only when everything passed. The first run needs the Debian archive
+# (deb.debian.org or $MIRROR); without it, it fails loudly. See vm-tests/README.md.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+CACHE=${OVERLAYCTL_VM_CACHE:-/var/cache/overlayctl-vm}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+export MIRROR
+KERNELS=${OVERLAYCTL_VM_KERNELS:-trixie trixie-backports}
+PASS=0
+FAIL=0
+FAILED_NAMES=()
+BOOT_TIMES=()
+now() { date +%s.%N; }
+el() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+say() { echo "vm-tests: $*"; }
+hostcheck() {  # hostcheck NAME CONDITION-RC [DETAIL]
+    if [ "$2" = 0 ]; then PASS=$((PASS + 1)); echo "host | CHECK PASS $1 :: ${3:-}"
+    else FAIL=$((FAIL + 1)); FAILED_NAMES+=("$1"); echo "host | CHECK FAIL $1 :: ${3:-}"; fi
+}
+T_START=$(now)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "vm-tests: must run as root (sudo vm-tests/run.sh)" >&2
+    exit 2
+fi
+
+# ------------------------------------------------------------------ 1. the cached VM parts
+# A cache that is not complete needs the Debian archive. Say so loudly instead of failing
+# somewhere in apt-get or debootstrap (and never skip).
+complete=1
+for k in $KERNELS; do
+    if [ "$k" = trixie ]; then kd=$CACHE/kernel ri=$CACHE/root.ext4; else kd=$CACHE/kernel-$k ri=$CACHE/root-$k.ext4; fi
+    [ -e "$kd/.complete" ] && [ -e "$ri" ] || complete=0
+done
+[ -e "$CACHE/rootfs/.complete" ] || complete=0
+command -v qemu-system-x86_64 >/dev/null || complete=0
+if [ $complete = 0 ]; then
+    host=$(echo "$MIRROR" | sed -E 's|^[a-z]+://([^/:]+).*|\1|')
+    port=80; case $MIRROR in https:*) port=443 ;; esac
+    if ! timeout 15 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null; then
+        echo "vm-tests: FAILED: the VM cache in $CACHE is not complete and $host:$port" \
+             "(the Debian archive, \$MIRROR) cannot be reached." >&2
+        echo "vm-tests: the first run downloads qemu-system-x86, debootstrap, a kernel package" \
+             "and a trixie root (about 3 minutes with network). Run it once where the network works," \
+             "or point OVERLAYCTL_VM_CACHE at a complete cache." >&2
+        echo "0 passed, 1 failed"
+        exit 3
+    fi
+    say "cache in $CACHE is not complete: building it (needs $host)"
+fi
+missing=()
+command -v mksquashfs >/dev/null || missing+=(squashfs-tools)
+command -v mkfs.erofs >/dev/null || missing+=(erofs-utils)
+command -v sfdisk >/dev/null || missing+=(fdisk)
+command -v debugfs >/dev/null || missing+=(e2fsprogs)
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing host tools: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || { echo "vm-tests: FAILED: cannot install ${missing[*]}" >&2; echo "0 passed, 1 failed"; exit 3; }
+fi
+t=$(now)
+mkdir -p "$CACHE"
+declare -A ROOT_OF
+for k in $KERNELS; do
+    RUN_DIR=$CACHE/build KERNEL_SUITE=$k BOOTS=0 "$HERE/vm-boot.sh" "$CACHE" >"$CACHE/build-$k.log" 2>&1
+    rc=$?
+    grep -v '^vm-boot: total wall time' "$CACHE/build-$k.log"
+    if [ "$rc" != 0 ]; then
+        echo "vm-tests: FAILED: building the VM for kernel suite $k (kernel, debootstrap, root image) failed (rc $rc)" >&2
+        echo "0 passed, 1 failed"
+        exit 3
+    fi
+    ROOT_OF[$k]=$(sed -n 's/^vm-boot: root image \([^ ]*\) .*/\1/p' "$CACHE/build-$k.log")
+done
+T_PREP=$(el "$t")
+say "VM parts ready in ${T_PREP}s (cache $CACHE)"
+
+run_sequence() {  # run_sequence KERNEL_SUITE: boots 0, 1, host step, 2 on a fresh copy of the root
+KS=$1
+RUN=$CACHE/run-$KS
+echo
+echo "################### guest kernel from Debian $KS"
+
+# ------------------------------------------------------------------ 2. this run: root copy, payload
+t=$(now)
+rm -rf "$RUN"
+mkdir -p "$RUN/payload/images" "$RUN/src"
+# a writable copy of the pristine root: it persists across the boots of this run only
+cp --sparse=always "${ROOT_OF[$KS]}" "$RUN/root.ext4"
+PL=$RUN/payload
+cp -a "$REPO/overlayctl" "$PL/overlayctl"
+find "$PL/overlayctl" -name __pycache__ -prune -exec rm -rf {} +
+mkdir -p "$PL/tools"
+cp -a "$REPO/units" "$PL/units"
+cp -a "$REPO/tools/install-units.sh" "$PL/tools/"
+cp "$HERE/guest.py" "$PL/guest.py"
+printf '#!/bin/sh\nexec python3 /payload/guest.py "$(cat /payload/stage)"\n' >"$PL/run"
+chmod +x "$PL/run" "$PL/guest.py"
+# raw sysext images, built here on the host
+mkimg_tree() {  # mkimg_tree NAME FILE TEXT: a sysext tree with a release file and one file
+    local d=$RUN/src/$1
+    mkdir -p "$d/usr/lib/extension-release.d" "$d/usr/share/vmtest"
+    echo "ID=_any" >"$d/usr/lib/extension-release.d/extension-release.$1"
+    echo "$3" >"$d/usr/share/vmtest/$2"
+    echo "$d"
+}
+ok=0
+mksquashfs "$(mkimg_tree sqext squashfs.txt 'from squashfs')" "$PL/images/sqext.raw" -quiet -noappend >/dev/null || ok=1
+mkfs.erofs --quiet "$PL/images/erofsext.raw" "$(mkimg_tree erofsext erofs.txt 'from erofs')" >/dev/null || ok=1
+# GPT disk image with one /usr partition (DPS type for x86-64) holding a squashfs of usr/
+g=$(mkimg_tree gptext gpt.txt 'from gpt')
+mksquashfs "$g/usr" "$RUN/src/gpt-usr.sqfs" -quiet -noappend >/dev/null || ok=1
+sectors=$(( $(stat -c %s "$RUN/src/gpt-usr.sqfs") / 512 + 8 ))
+truncate -s $(( (2048 + sectors + 64) * 512 )) "$PL/images/gptext.raw"
+echo "label: gpt
+start=2048, size=$sectors, type=8484680C-9521-48C6-9C11-B0720656F69E" | sfdisk -q "$PL/images/gptext.raw" >/dev/null || ok=1
+dd if="$RUN/src/gpt-usr.sqfs" of="$PL/images/gptext.raw" bs=512 seek=2048 conv=notrunc status=none || ok=1
+hostcheck "[$KS] host: squashfs, erofs and GPT sysext images built" $ok \
+    "$(cd "$PL/images" && for f in *.raw; do printf '%s (%s) ' "$f" "$(file -b "$f" 2>/dev/null | cut -d, -f1 || true)"; done)"
+say "run directory $RUN prepared in $(el "$t")s"
+
+# ------------------------------------------------------------------ 3. boots
+boot() {  # boot N STAGE INIT TITLE
+    local n=$1 stage=$2 init=$3 title=$4 t rc log
+    echo
+    echo "=================== [$KS] boot $n ($init as PID 1): $title"
+    echo "$stage" >"$PL/stage"
+    t=$(now)
+    KERNEL_SUITE=$KS RUN_DIR=$RUN ROOT_DISK=$RUN/root.ext4 INIT=$init LOG_TAG=$stage TIMEOUT=${BOOT_TIMEOUT:-300} \
+        "$HERE/vm-boot.sh" "$CACHE" "$PL" 2>&1 | grep -v -E '^vm-boot: (prep|sizes|total wall)'
+    rc=${PIPESTATUS[0]}
+    log=$RUN/$stage-1.log
+    local p f
+    p=$(grep -c '] CHECK PASS' "$log" 2>/dev/null)
+    f=$(grep -c '] CHECK FAIL' "$log" 2>/dev/null)
+    PASS=$((PASS + p)); FAIL=$((FAIL + f))
+    while IFS= read -r line; do FAILED_NAMES+=("$line"); done \
+        < <(grep '] CHECK FAIL' "$log" | sed -E "s/.*CHECK FAIL (.*) :: .*/[$KS] \\1/")
+    if grep -q 'VM-TEST-EXIT' "$log"; then
+        hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 0 "guest checks: $p passed, $f failed"
+    else
+        hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 1 "no exit marker (rc $rc: 124 = time-out)"
+    fi
+    BOOT_TIMES+=("[$KS] boot $n ($init, $stage): $(el "$t")s")
+    echo "=================== boot $n done in $(el "$t")s (rc $rc)"
+}
+
+dbg() { debugfs -R "$1" "$RUN/root.ext4" 2>/dev/null; }
+
+boot 0 install vm-init "install overlayctl, units, extensions, confext, defaults"
+boot 1 boot1 systemd "units merge at boot; hello-ext.service; /etc written; ephemeral /usr written"
+
+echo
+echo "=================== between boot 1 and boot 2 (host, on the guest's root image)"
+t=$(now)
+e2fsck -fy "$RUN/root.ext4" >"$RUN/e2fsck.log" 2>&1; rc=$?
+hostcheck "[$KS] host: guest root file system clean after boot 1 (e2fsck)" $([ $rc -le 1 ] && echo 0 || echo 1) \
+    "e2fsck rc $rc: $(tail -1 "$RUN/e2fsck.log")"
+got=$(dbg 'cat /etc/vmtest/local.conf')
+hostcheck "[$KS] host: /etc/vmtest/local.conf of boot 1 is in the real /etc on disk" \
+    $([ "$got" = "written in boot 1" ] && echo 0 || echo 1) "'$got'"
+got=$(dbg 'cat /etc/vmtest/default.conf' | tr '\n' '|')
+hostcheck "[$KS] host: the edited default was copied up into the real /etc" \
+    $([ "$got" = "default v1|local edit in boot 1|" ] && echo 0 || echo 1) "'$got'"
+got=$(debugfs -R 'stat /usr/share/vmtest/ephemeral.txt' "$RUN/root.ext4" 2>&1 | grep -v '^debugfs [0-9]' | head -1)
+hostcheck "[$KS] host: the ephemeral /usr write of boot 1 never reached the disk" \
+    $(echo "$got" | grep -q 'not found' && echo 0 || echo 1) "$got"
+# "OS update": new versions of two defaults
+echo "default v2" >"$RUN/src/default.conf"
+echo "untouched v2" >"$RUN/src/untouched.conf"
+debugfs -w -f - "$RUN/root.ext4" >"$RUN/debugfs-update.log" 2>&1 <<EOF
+cd /usr/share/vmtest/etc-defaults/vmtest
+rm default.conf
+write $RUN/src/default.conf default.conf
+rm untouched.conf
+write $RUN/src/untouched.conf untouched.conf
+EOF
+got="$(dbg 'cat /usr/share/vmtest/etc-defaults/vmtest/default.conf') / $(dbg 'cat /usr/share/vmtest/etc-defaults/vmtest/untouched.conf')"
+hostcheck "[$KS] host: defaults updated on the root image (debugfs)" \
+    $([ "$got" = "default v2 / untouched v2" ] && echo 0 || echo 1) "$got"
+echo "=================== host step done in $(el "$t")s"
+
+boot 2 boot2 systemd "persistence, ephemeral gone, diff default_changed, refresh under a reader loop"
+}
+
+for k in $KERNELS; do run_sequence "$k"; done
+
+# ------------------------------------------------------------------ 4. summary
+echo
+echo "=================== summary"
+for b in "${BOOT_TIMES[@]}"; do echo "  $b"; done
+echo "  VM preparation: ${T_PREP}s; whole run: $(el "$T_START")s; logs in $CACHE/run-*/"
+for n in "${FAILED_NAMES[@]}"; do echo "  FAILED: $n"; done
+echo "$PASS passed, $FAIL failed"
+[ "$FAIL" = 0 ]
