@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from overlayctl import faults, metadata, mountinfo, state
 from overlayctl import kernel as k
@@ -28,6 +27,10 @@ from overlayctl.images import Image
 from overlayctl.paths import inside
 from overlayctl.plan import HierarchyPlan
 from overlayctl.settings import ExtClass, Settings
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 CLONE_NEWNS = 0x00020000
 

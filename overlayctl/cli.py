@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, NoReturn
 
 from overlayctl import __version__
 from overlayctl.errors import OverlayctlError, die
@@ -18,6 +17,10 @@ from overlayctl.settings import (
     parse_defaults_arg,
     parse_mutable,
 )
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
 LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup")

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any
 
 from overlayctl import apply, faults
 from overlayctl.errors import die
@@ -16,6 +15,10 @@ from overlayctl.paths import chase
 from overlayctl.plan import HierarchyPlan, make_plan
 from overlayctl.release import check_compatible, host_os_release
 from overlayctl.settings import Settings
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def log(msg: str) -> None:

@@ -10,7 +10,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from overlayctl import state
 from overlayctl.errors import die
@@ -34,6 +33,10 @@ from overlayctl.upper import (
     upper_blocker,
     walk_upper,
 )
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 LOWER_ROLES = ("import", "extension", "base", "defaults")
 

@@ -6,12 +6,15 @@ import argparse
 import difflib
 import os
 import sys
-from typing import Any
 
 from overlayctl import local
 from overlayctl.errors import die
 from overlayctl.output import emit_json, table
 from overlayctl.upper import lower_entry
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _require_root() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def emit_json(value: Any, style: str) -> None:

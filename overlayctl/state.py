@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from overlayctl.paths import single_component
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 STATE_DIR = "var/lib/overlayctl"
 
