@@ -158,7 +158,44 @@ def _unchanged(s: Settings, merged: list[str], origin: dict[str, Any]) -> bool:
 
 def unmerge(s: Settings) -> None:
     with apply.lock(s.root):
+        # As upstream: decided before unmounting (from the merged tree), reloaded after.
+        reload = _reload_wanted_by_merged(s)
         apply.unmerge(s)
+        if reload:
+            _daemon_reload()
+
+
+def _reload_wanted_by_merged(s: Settings) -> bool:
+    """Does a merged extension ask for a service-manager reload (EXTENSION_RELOAD_MANAGER)?
+    Read from the release files in the merged tree."""
+    from overlayctl import metadata
+    from overlayctl.release import parse_boolean, parse_env_file
+    if s.no_reload or s.root != "/" or not os.path.isdir("/run/systemd/system"):
+        return False
+    release_dir = "/" + s.cls.info.release_dir
+    for h in s.hierarchies:
+        t = chase(s.root, h, must_exist=True)
+        if t is None or not os.path.isdir(t) or not apply.is_ours(t, s.cls):
+            continue
+        if not release_dir.startswith(h.rstrip("/") + "/"):
+            continue
+        d = t + release_dir[len(h.rstrip("/")):]
+        for name in metadata.read_merged(t, s.cls).names:
+            try:
+                data = parse_env_file(os.path.join(d, f"extension-release.{name}"))
+            except OSError:
+                continue
+            if parse_boolean(data.get("EXTENSION_RELOAD_MANAGER", "")):
+                return True
+    return False
+
+
+def _daemon_reload() -> None:
+    import subprocess
+    r = subprocess.run(["systemctl", "daemon-reload"], check=False)
+    if r.returncode != 0:
+        raise die("the service manager could not be reloaded (systemctl daemon-reload failed)",
+                  "check 'journalctl -b' and reload by hand")
 
 
 def maybe_reload(s: Settings, images: list[Image]) -> None:
@@ -177,11 +214,7 @@ def maybe_reload(s: Settings, images: list[Image]) -> None:
             log(f"Ignoring EXTENSION_RELOAD_MANAGER={value} of '{img.name}': not a boolean.")
         want = want or bool(b)
     if want:
-        import subprocess
-        r = subprocess.run(["systemctl", "daemon-reload"], check=False)
-        if r.returncode != 0:
-            raise die("the service manager could not be reloaded (systemctl daemon-reload "
-                      "failed)", "check 'journalctl -b' and reload by hand")
+        _daemon_reload()
 
 
 def _own_workdir(s: Settings, p: HierarchyPlan, merged: list[str]) -> None:
