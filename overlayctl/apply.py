@@ -76,14 +76,8 @@ def lock(root: str) -> Iterator[None]:
 @contextmanager
 def workspace() -> Iterator[str]:
     """A private tmpfs that is mounted nowhere: reachable only through our fd, and through
-    the overlays that use it (ephemeral uppers, metadata layers) once they exist."""
-    fd = k.fsopen("tmpfs")
-    try:
-        k.fsconfig_string(fd, "mode", "0700")
-        k.fsconfig_create(fd)
-        mfd = k.fsmount(fd, k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOSUID)
-    finally:
-        os.close(fd)
+    the overlays that use it (metadata layers) once they exist."""
+    mfd = _tmpfs()
     try:
         yield f"/proc/self/fd/{mfd}"
     finally:
@@ -850,11 +844,7 @@ def _swap_beneath(fd: int, target: str, hierarchy: str) -> bool:
 
 def can_mount_beneath() -> bool:
     """MOVE_MOUNT_BENEATH appeared in Linux 6.5."""
-    try:
-        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (6, 5)
+    return k.kernel_at_least(6, 5)
 
 
 DETACHED = "run/overlayctl/detached.json"
