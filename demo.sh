@@ -136,7 +136,29 @@ inside() {
     say "As long as it is there, it hides demo.conf in every later merge. Remove it by hand:"
     run 'rm $ROOT/etc/demo.conf $ROOT/etc/local.conf'
 
-    heading "6. merge --dry-run: the plan, with nothing mounted"
+    heading "6. OS defaults under the real /etc (the Flatcar model), and what you changed"
+    say "The OS ships its default /etc in /usr/share/factory/etc; --defaults puts it below"
+    say "everything else, with the real /etc as the upper layer (the symlink from step 5)."
+    run 'mkdir -p $ROOT/usr/share/factory/etc/ssh'
+    run 'echo "PermitRootLogin no" > $ROOT/usr/share/factory/etc/ssh/sshd_config'
+    run 'echo "Welcome (default)" > $ROOT/usr/share/factory/etc/motd'
+    run 'overlayctl --root=$ROOT confext merge --mutable=yes --defaults=/usr/share/factory/etc'
+    run 'cat $ROOT/etc/motd'
+    say "Edit one default, delete another, add a file of your own:"
+    run 'echo "PermitRootLogin yes" > $ROOT/etc/ssh/sshd_config'
+    run 'rm $ROOT/etc/motd'
+    run 'echo mine > $ROOT/etc/mine.conf'
+    run 'overlayctl --root=$ROOT diff /etc'
+    run 'overlayctl --root=$ROOT which /etc/demo.conf'
+    run 'overlayctl --root=$ROOT which /etc/ssh/sshd_config'
+    say "Put the deleted default back, while /etc stays merged (a new overlay is swapped in):"
+    run 'overlayctl --root=$ROOT reset /etc/motd'
+    run 'cat $ROOT/etc/motd'
+    run 'overlayctl --root=$ROOT diff --content /etc/ssh/sshd_config'
+    run 'overlayctl --root=$ROOT confext unmerge'
+    run 'rm -r $ROOT/etc/ssh $ROOT/etc/mine.conf'
+
+    heading "7. merge --dry-run: the plan, with nothing mounted"
     say "For each hierarchy: the upper and work directories, every lower layer from top to"
     say "bottom, the overlayfs options and the mount flags. auto decides per hierarchy: /usr and"
     say "/opt have a mutable directory from step 4, /etc is its own upper from step 5."
@@ -145,7 +167,7 @@ inside() {
     run 'overlayctl --root=$ROOT confext merge --mutable=auto --dry-run --json=pretty'
     run 'overlayctl --root=$ROOT status'
 
-    heading "7. Clean up"
+    heading "8. Clean up"
     trap - EXIT
     say "Nothing is merged; the only mount below the demo root is its own tmpfs:"
     run 'findmnt -R -o TARGET,SOURCE,FSTYPE $ROOT'
