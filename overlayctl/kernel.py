@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -208,14 +206,6 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
 
 def umount(target: str, flags: int = MNT_DETACH | UMOUNT_NOFOLLOW) -> None:
     _check(_libc.umount2(_b(target), flags), "umount", target)
-
-
-@contextmanager
-def fd_closing(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def uname_architecture() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from overlayctl.upper import (
     is_opaque,
     is_whiteout,
     lower_entry,
+    lstat_or_none,
     merged_lower,
     remove,
     same_entry,
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 LOWER_ROLES = ("import", "extension", "base", "defaults")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +255,7 @@ def which(root: str, path: str) -> dict[str, Any]:
     with open_stack(root, cls, h) as st:
         if st.upper and os.path.isdir(st.upper) and rel:
             up = os.path.join(st.upper, rel)
-            ust = _lstat(up)
+            ust = lstat_or_none(up)
             if ust is not None and is_whiteout(up, ust):
                 raise die(f"{path} is deleted: a whiteout in the upper layer hides it",
                           f"overlayctl reset {path} brings the default back")
@@ -289,13 +285,6 @@ def _shown(p: str, root: str, st: Stack) -> str:
                             p[len(st.upper) + 1:])
     rel = os.path.relpath(p, root)
     return "/" + rel if not rel.startswith("..") else p
-
-
-def _lstat(p: str) -> os.stat_result | None:
-    try:
-        return os.lstat(p)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
 
 
 @dataclass
@@ -337,7 +326,7 @@ def reset(root: str, paths: list[str], dry_run: bool) -> list[Action]:
                     raise die(f"refusing to reset all of {h}",
                               f"name paths below {h}, or remove {upper} by hand while unmerged")
                 up = os.path.join(upper, rel)
-                ust = _lstat(up)
+                ust = lstat_or_none(up)
                 blocker = upper_blocker(upper, rel)
                 if ust is None:
                     if blocker:
@@ -400,7 +389,7 @@ def pin(root: str, paths: list[str], unpin: bool = False) -> list[Action]:
                         actions.append(Action(shown, "unchanged", "was not pinned"))
                     continue
                 up = os.path.join(upper, rel)
-                ust = _lstat(up)
+                ust = lstat_or_none(up)
                 low = lower_entry(st.layers, rel)
                 if ust is not None and is_whiteout(up, ust):
                     raise die(f"{shown} is deleted locally (whiteout); there is nothing to pin",

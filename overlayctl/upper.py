@@ -27,6 +27,9 @@ class Entry:
     st: os.stat_result
 
 
+LowerDirs = list[tuple[LayerRef, str]]
+
+
 def _xattr(path: str, name: str) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
@@ -55,58 +58,40 @@ def is_opaque(path: str) -> bool:
     return overlay_xattr(path, "opaque") == b"y"
 
 
-def _lstat(path: str) -> os.stat_result | None:
+def lstat_or_none(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
+def _dirs_at(layers: list[LayerRef], parts: list[str]) -> LowerDirs:
+    """The layers' directories that make up the lower directory PARTS (top to bottom)."""
+    dirs: LowerDirs = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
+    for comp in parts:
+        dirs = lower_children(dirs, only=comp)[1].get(comp, [])
+        if not dirs:
+            break
+    return dirs
+
+
 def lower_entry(layers: list[LayerRef], rel: str) -> Entry | None:
-    """What the lower layers (top to bottom) show at REL, overlayfs rules: a whiteout or a
-    non-directory hides everything below it, an opaque directory hides the layers below."""
+    """What the lower layers (top to bottom) show at REL, by the rules of lower_children."""
     parts = [p for p in rel.split("/") if p]
     if not parts:
         for layer in layers:
-            st = _lstat(layer.path)
+            st = lstat_or_none(layer.path)
             if st is not None:
                 return Entry(layer, layer.path, st)
         return None
-    for layer in layers:
-        p = layer.path
-        hidden_below = False
-        for depth, comp in enumerate(parts):
-            p = os.path.join(p, comp)
-            st = _lstat(p)
-            if st is None:
-                break
-            if is_whiteout(p, st):
-                return None
-            if depth == len(parts) - 1:
-                return Entry(layer, p, st)
-            if not stat.S_ISDIR(st.st_mode):
-                return None
-            if is_opaque(p):
-                hidden_below = True
-        if hidden_below:
-            return None
-    return None
+    dirs = _dirs_at(layers, parts[:-1])
+    return lower_children(dirs, only=parts[-1])[0].get(parts[-1]) if dirs else None
 
 
 def lower_names(layers: list[LayerRef], rel: str) -> set[str]:
-    """Names the lower layers show in directory REL (for opaque directory reports)."""
-    names: set[str] = set()
-    for layer in layers:
-        d = os.path.join(layer.path, rel)
-        st = _lstat(d)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            continue
-        for n in os.listdir(d):
-            if lower_entry(layers, os.path.join(rel, n)) is not None:
-                names.add(n)
-        if is_opaque(d):
-            break
-    return names
+    """Names the lower layers show in directory REL."""
+    dirs = _dirs_at(layers, [p for p in rel.split("/") if p])
+    return set(lower_children(dirs)[0]) if dirs else set()
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
@@ -192,20 +177,19 @@ def walk_upper(upper: str, rel_dir: str = "") -> Iterator[tuple[str, str, os.sta
             yield from walk_upper(upper, rel)
 
 
-LowerDirs = list[tuple[LayerRef, str]]
-
-
-def lower_children(dirs: LowerDirs) -> tuple[dict[str, Entry], dict[str, LowerDirs]]:
+def lower_children(dirs: LowerDirs, only: str | None = None
+                   ) -> tuple[dict[str, Entry], dict[str, LowerDirs]]:
     """What the lower layers show in one directory, given that directory in each layer that
     contributes (top to bottom): name -> topmost entry, and for subdirectories the layers
     that contribute to them (overlayfs rules: whiteouts, opaque dirs and non-directories
-    hide what is below them). Each lower directory is listed once."""
+    hide what is below them). Each lower directory is listed once; with ONLY, just that
+    name is looked up."""
     seen: dict[str, Entry] = {}
     subdirs: dict[str, LowerDirs] = {}
     closed: set[str] = set()
     for layer, d in dirs:
         try:
-            names = os.listdir(d)
+            names = [only] if only is not None else os.listdir(d)
         except OSError:
             continue
         for n in names:
@@ -313,7 +297,7 @@ def upper_blocker(upper: str, rel: str) -> str | None:
     p = upper
     for comp in parts[:-1]:
         p = os.path.join(p, comp)
-        st = _lstat(p)
+        st = lstat_or_none(p)
         if st is None:
             return None
         if not stat.S_ISDIR(st.st_mode) or is_whiteout(p, st) or is_opaque(p):
