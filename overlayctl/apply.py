@@ -24,7 +24,7 @@ from overlayctl import faults, metadata, mountinfo, state
 from overlayctl import kernel as k
 from overlayctl.errors import OverlayctlError, die
 from overlayctl.images import Image
-from overlayctl.paths import inside
+from overlayctl.paths import inside, single_component
 from overlayctl.plan import HierarchyPlan
 from overlayctl.settings import ExtClass, Settings
 
@@ -366,7 +366,7 @@ def _mount_layers(plan: HierarchyPlan, ws: str,
                   views: dict[str, PlainView]) -> tuple[list[str], str | None, str | None]:
     view = views.get(plan.target)
 
-    name = os.path.basename(plan.hierarchy) or "root"
+    name = single_component(plan.hierarchy)   # unique per hierarchy: /a/usr -> a.usr
     lowers: list[str] = []
     for layer in plan.lowers:
         if layer.role == "meta":
@@ -488,7 +488,7 @@ def build(settings: Settings, plan: HierarchyPlan, ws: str, origin: dict[str, An
           views: dict[str, PlainView], carry: int | None = None) -> Built:
     cls = settings.cls
     root = settings.root
-    name = os.path.basename(plan.hierarchy) or "root"
+    name = single_component(plan.hierarchy)   # unique per hierarchy: /a/usr -> a.usr
     created: list[str] = []
     owned: list[int] = []
     view = views.get(plan.target)

@@ -37,3 +37,16 @@ def test_confext_is_noexec(root: Root) -> None:
         subprocess.run([str(root / "etc/testscript")], capture_output=True)
     root.run("confext", "unmerge", check=True)
     assert not (root / "etc/testfile").exists()
+
+
+def test_hierarchies_with_the_same_last_component(root: Root) -> None:
+    """/usr and /x/usr each get their own metadata layer (named usr and x.usr)."""
+    (root / "x/usr").mkdir(parents=True)
+    root.sysext("e", {"usr/share/a": "u", "x/usr/b": "x"})
+    env = {"SYSTEMD_SYSEXT_HIERARCHIES": "/usr:/x/usr"}
+    root.run("sysext", "merge", env=env, check=True)
+    assert (root / "usr/share/a").read_text() == "u"
+    assert (root / "x/usr/b").read_text() == "x"
+    assert (root / "x/usr/.systemd-sysext/extensions").read_text() == "e\n"
+    root.run("sysext", "unmerge", env=env, check=True)
+    assert not (root / "x/usr/b").exists()
