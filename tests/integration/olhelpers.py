@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import REPO, Result, Root, mounts_below, umount_all_below
 
 
@@ -120,3 +122,8 @@ def odd_root(base: Path, name: str) -> Iterator[Root]:
 
 def no_mounts_below(root: Root) -> bool:
     return mounts_below(str(root.path)) == []
+
+
+# Run a test on both mount paths: the new mount API and mount(2) (OVERLAYCTL_LEGACY_MOUNT).
+LEGACY = {"OVERLAYCTL_LEGACY_MOUNT": "1"}
+APIS = pytest.mark.parametrize("env", [{}, LEGACY], ids=["new-api", "legacy"])

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import REPO, Root
 from tests.integration.olhelpers import (
+    APIS,
     assert_error,
     by_hierarchy,
     mount_id,
@@ -29,8 +30,6 @@ from tests.integration.olhelpers import (
 
 pytestmark = pytest.mark.root
 
-LEGACY = {"OVERLAYCTL_LEGACY_MOUNT": "1"}
-APIS = pytest.mark.parametrize("env", [{}, LEGACY], ids=["new-api", "legacy"])
 
 
 def snapshot(root: Root) -> dict[str, tuple[int, int]]:

@@ -32,7 +32,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, Result, Root
-from tests.integration.olhelpers import by_hierarchy, mount_id, mountinfo, overlays_at, popen
+from tests.integration.olhelpers import (
+    LEGACY,
+    by_hierarchy,
+    mount_id,
+    mountinfo,
+    overlays_at,
+    popen,
+)
 
 pytestmark = pytest.mark.root
 
@@ -432,7 +439,6 @@ def discover(root: Root, tmp_path: Path, cls: str, mode: str,
     return cps
 
 
-LEGACY = {"OVERLAYCTL_LEGACY_MOUNT": "1"}
 
 
 @pytest.mark.parametrize(("mode", "env", "classes"), [

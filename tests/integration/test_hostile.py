@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Root, umount_all_below
-from tests.integration.olhelpers import assert_error, by_hierarchy, odd_root, overlays_at
+from tests.integration.olhelpers import (
+    APIS,
+    LEGACY,
+    assert_error,
+    by_hierarchy,
+    odd_root,
+    overlays_at,
+)
 
 pytestmark = pytest.mark.root
 
-LEGACY = {"OVERLAYCTL_LEGACY_MOUNT": "1"}
-APIS = pytest.mark.parametrize("env", [{}, LEGACY], ids=["new-api", "legacy"])
 
 HOSTILE_NAMES = ["a:b", "a,b", "a\\b", "a=b", "a b", "lowerdir=x,upperdir=y",
                  "x:y,z\\,w=v \\:", " lead-space", "trail\\"]

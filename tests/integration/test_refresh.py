@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import Root
 from tests.integration.olhelpers import (
+    APIS,
     assert_error,
     by_hierarchy,
     mount_id,
@@ -20,8 +21,6 @@ from tests.integration.olhelpers import (
 
 pytestmark = pytest.mark.root
 
-LEGACY = {"OVERLAYCTL_LEGACY_MOUNT": "1"}
-APIS = pytest.mark.parametrize("env", [{}, LEGACY], ids=["new-api", "legacy"])
 MUTABLE_DIR = "var/lib/extensions.mutable"
 
 
