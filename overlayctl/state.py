@@ -28,7 +28,8 @@ def _atomic_write(path: str, data: Any) -> None:
     os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True, separators=(",", ":"))
+        # json.dumps, not json.dump: only the former uses the C encoder.
+        f.write(json.dumps(data, sort_keys=True, separators=(",", ":")))
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
