@@ -7,8 +7,8 @@ import argparse
 import os
 import sys
 
-from overlayctl import __version__
-from overlayctl.errors import OverlayctlError, die
+from overlayctl import __version__, log
+from overlayctl.errors import OverlayctlError, die, hint_for
 from overlayctl.settings import (
     CLASSES,
     MUTABLE_MODES,
@@ -65,7 +65,7 @@ Options:
      --always-refresh=BOOL
                         Refresh even when nothing changed
      --image-policy=POLICY
-                        Accepted for compatibility; raw images are not merged yet
+                        Which raw images may be merged (systemd.image-policy(7))
      --dry-run          With merge or refresh: print the plan, mount nothing;
                         with reset or cleanup: say what would be done
      --defaults=[HIERARCHY=]DIR
@@ -111,98 +111,54 @@ def _parser() -> argparse.ArgumentParser:
 
 def _since(us: int | None) -> str:
     if us is None:
-        return ""
-    import datetime
-    return datetime.datetime.fromtimestamp(us / 1e6).strftime("%a %Y-%m-%d %H:%M:%S")
-
-
-def status_rows(s: Settings) -> list[dict[str, Any]]:
-    from overlayctl import metadata, mountinfo
-    from overlayctl.apply import can_mount_beneath, detached_alive, is_ours
-    from overlayctl.paths import chase
-    rows = []
-    mounts = mountinfo.read()
-    atomic = can_mount_beneath()
-    for h in s.hierarchies:
-        target = chase(s.root, h, must_exist=True)
-        if target is None or not os.path.isdir(target):
-            continue
-        row: dict[str, Any] = {"hierarchy": h, "extensions": "none", "since": None,
-                               "mutable": None, "upperdir": None, "writable": False,
-                               "defaults": None, "atomic_refresh": atomic}
-        if is_ours(target, s.cls, mounts):
-            merged = metadata.read_merged(target, s.cls)
-            row["extensions"] = merged.names
-            row["since"] = os.stat(target).st_mtime_ns // 1000
-            rec = merged.record or {}
-            origin = merged.origin or {}
-            row["mutable"] = rec.get("mode") or origin.get("mutable", {}).get("mode")
-            top = mountinfo.top_mount(mounts, target)
-            upper = top.super_option("upperdir") if top else None
-            if rec.get("overlayctl"):
-                row["upperdir"] = rec.get("upperdir")
-            elif upper:
-                row["upperdir"] = (upper if s.root == "/" or not upper.startswith(s.root)
-                                   else upper[len(s.root.rstrip("/")):])
-            if row["mutable"] is None:
-                row["mutable"] = "yes" if upper else "no"
-            row["writable"] = bool(upper) and not os.statvfs(target).f_flag & os.ST_RDONLY
-            if rec.get("upper") == "ephemeral":
-                # The raw ephemeral upper, exposed read-only inside the metadata directory.
-                eph = os.path.join(target, s.cls.meta_dir, "ephemeral", "upper")
-                row["upperdir"] = (os.path.join(h, s.cls.meta_dir, "ephemeral", "upper")
-                                   if os.path.isdir(eph) else None)
-            row["defaults"] = rec.get("defaults")
-        detached = detached_alive(s.root, s.cls.name, h)
-        if detached:
-            row["detached"] = detached
-        rows.append(row)
-    return rows
+        return "-"
+    import time
+    return time.strftime("%a %Y-%m-%d %H:%M:%S", time.localtime(us / 1e6))
 
 
 def cmd_status(classes: list[str], args: argparse.Namespace) -> int:
+    from overlayctl import engine
     rows: list[dict[str, Any]] = []
     for c in classes:
-        rows.extend(status_rows(_settings(c, args)))
+        rows.extend(engine.status_rows(_settings(c, args)))
     rows.sort(key=lambda r: r["hierarchy"])
     if args.json != "off":
         from overlayctl.output import emit_json
         emit_json(rows, args.json)
         return 0
     from overlayctl.output import table
+
+    def upper(r: dict[str, Any]) -> str:
+        if r.get("ephemeral"):
+            return r["upperdir"] or "(ephemeral)"
+        return r["upperdir"] or "-"
+
     table(["hierarchy", "extensions", "since", "mutable", "upper"],
-          [[r["hierarchy"],
-            " ".join(r["extensions"]) if isinstance(r["extensions"], list) else "none",
-            _since(r["since"]),
-            r["mutable"] or "",
-            r["upperdir"] or ("(ephemeral)" if r["mutable"] in ("ephemeral", "ephemeral-import")
-                              else "")]
+          [[r["hierarchy"], " ".join(r["extensions"]) if r["extensions"] else "-",
+            _since(r["since"]), r["mutable"] or "-", upper(r) if r["merged"] else "-"]
            for r in rows], legend=not args.no_legend)
     if rows and not rows[0]["atomic_refresh"]:
-        print("Note: this kernel cannot mount beneath (Linux < 6.5): refresh has a brief gap.",
-              file=sys.stderr)
+        log.notice("Note: this kernel cannot mount beneath (Linux < 6.5): refresh has a brief "
+                   "gap.")
     for r in rows:
         for d in r.get("detached", []):
             procs = ", ".join(f"{p['pid']} ({p['name']})" for p in d["processes"])
-            print(f"Note: a detached overlay of {r['hierarchy']} is still in use: {procs}",
-                  file=sys.stderr)
+            log.notice(f"Note: a detached overlay of {r['hierarchy']} is still in use: {procs}")
     return 0
 
 
 def cmd_list(classes: list[str], args: argparse.Namespace) -> int:
-    from overlayctl.images import discover
+    from overlayctl import engine
     rows: list[dict[str, Any]] = []
     for c in classes:
-        for img in discover(_settings(c, args)):
-            rows.append({"name": img.name, "type": img.type, "path": img.path,
-                         "time": img.mtime_us, "class": c})
+        rows.extend(engine.list_rows(_settings(c, args)))
     rows.sort(key=lambda r: r["name"])
     if args.json != "off":
         from overlayctl.output import emit_json
         emit_json(rows, args.json)
         return 0
     if not rows:
-        print("No OS extensions found.", file=sys.stderr)
+        log.info("No OS extensions found.")
         return 0
     from overlayctl.output import table
     table(["name", "type", "path", "time"],
@@ -211,28 +167,11 @@ def cmd_list(classes: list[str], args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise die("need to be privileged to merge or unmerge", "run as root")
-
-
 def cmd_merge(classes: list[str], args: argparse.Namespace, verb: str) -> int:
     from overlayctl import engine
     if not args.dry_run:
-        _require_root()
-    plans: list[dict[str, Any]] = []
-    # One journal for the whole call too, so that a call killed in its second class is
-    # completed, not refused as "already merged", by the next merge.
-    import contextlib
-
-    from overlayctl.apply import lock
-    journal = engine.journal_path(args.root, "call." + "+".join(classes))
-    with contextlib.nullcontext() if args.dry_run else lock(args.root):
-        recovering = os.path.exists(journal)
-        if not args.dry_run:
-            with open(journal, "w", encoding="utf-8") as f:
-                f.write(f"{os.getpid()}\n")
-        _merge_classes(classes, args, verb, plans, recovering, journal)
+        engine.require_root()
+    plans = engine.merge([_settings(c, args) for c in classes], refresh=(verb == "refresh"))
     if args.dry_run:
         if args.json != "off":
             from overlayctl.output import emit_json
@@ -241,27 +180,6 @@ def cmd_merge(classes: list[str], args: argparse.Namespace, verb: str) -> int:
             for p in plans:
                 _print_plan(p)
     return 0
-
-
-def _merge_classes(classes: list[str], args: argparse.Namespace, verb: str,
-                   plans: list[dict[str, Any]], recovering: bool, journal: str) -> None:
-    from overlayctl import engine
-    done: list[str] = []
-    try:
-        for c in classes:
-            try:
-                plans.extend(engine.merge(_settings(c, args), refresh=(verb == "refresh"),
-                                          recovering=recovering))
-            except OverlayctlError:
-                if verb == "merge" and not args.dry_run and not recovering:
-                    # All or nothing across classes too: undo the classes this call merged.
-                    for d in reversed(done):
-                        engine.unmerge(_settings(d, args))
-                raise
-            done.append(c)
-    finally:
-        if not args.dry_run and os.path.exists(journal):
-            os.unlink(journal)
 
 
 def _print_plan(p: dict[str, Any]) -> None:
@@ -288,9 +206,8 @@ def cmd_unmerge(classes: list[str], args: argparse.Namespace) -> int:
             for t in engine.unmerge_dry_run(_settings(c, args)):
                 print(f"Would unmerge '{t}'.")
         return 0
-    _require_root()
-    for c in order:
-        engine.unmerge(_settings(c, args))
+    engine.require_root()
+    engine.unmerge([_settings(c, args) for c in order])
     return 0
 
 
@@ -299,6 +216,16 @@ def _settings(c: str, args: argparse.Namespace) -> Settings:
                          noexec=args.noexec, always_refresh=args.always_refresh,
                          no_reload=args.no_reload, dry_run=args.dry_run,
                          image_policy=args.image_policy, defaults=args.defaults_map)
+
+
+def _root(value: str) -> str:
+    """--root=PATH resolved; empty means /, as upstream."""
+    root = os.path.realpath(value or "/")
+    if not os.path.exists(root):
+        raise die(f"--root={value}: no such directory", "give an existing directory")
+    if not os.path.isdir(root):
+        raise die(f"--root={value}: not a directory", "give a directory, e.g. /sysroot")
+    return root
 
 
 def run(argv: list[str]) -> int:
@@ -314,10 +241,7 @@ def run(argv: list[str]) -> int:
     verb = words.pop(0) if words else "status"
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
     if verb in LOCAL_VERBS:
-        root = os.path.realpath(args.root)
-        if not os.path.isdir(root):
-            raise die(f"--root={args.root}: no such directory", "give an existing directory")
-        args.root = root
+        args.root = _root(args.root)
         from overlayctl import localcli
         return localcli.run(verb, words, args)
     if verb not in VERBS:
@@ -339,10 +263,7 @@ def run(argv: list[str]) -> int:
         if args.mutable_mode is None:
             raise die(f"failed to parse argument to --mutable=: {args.mutable}",
                       f"use one of {', '.join(MUTABLE_MODES)}, or a boolean")
-    root = os.path.realpath(args.root)
-    if not os.path.isdir(root):
-        raise die(f"--root={args.root}: no such directory", "give an existing directory")
-    args.root = root
+    args.root = _root(args.root)
     if verb == "status":
         return cmd_status(classes, args)
     if verb == "list":
@@ -354,22 +275,36 @@ def run(argv: list[str]) -> int:
     return cmd_unmerge(classes, args)
 
 
+def _die_of_sigpipe() -> None:
+    import signal
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.stdout.flush()
+    except OSError:
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        rc = run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # The reader went away (overlayctl ... | head): no message; exit as if killed by
+        # SIGPIPE, as a C tool would be (the shell shows 141).
+        _die_of_sigpipe()
+        return 141
     except OverlayctlError as e:
         msg = e.message[0].lower() + e.message[1:] if e.message else e.message
-        print(f"overlayctl: {msg}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
+        log.error(msg + (f" (hint: {e.hint})" if e.hint else ""))
         return 1
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
-        print(f"overlayctl: {e.strerror or e}{where}", file=sys.stderr)
+        log.error(f"{e.strerror or e}{where} (hint: {hint_for(e)})")
         return 1
-    except BrokenPipeError:
-        # The reader went away (overlayctl ... | head): not an error worth a message.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
     except KeyboardInterrupt:
         print("overlayctl: interrupted", file=sys.stderr)
         return 130

@@ -1,181 +1,371 @@
 """The verbs that change things, in upstream's order of operations: discover, read
-metadata, validate, plan, then apply under a lock."""
+metadata, validate, plan, build (every class of the call), then attach them all under one
+lock; and the read-only verbs' data (status rows, the image list).
+
+merge/refresh of a call:
+  1. lock; for each class: discover and read images, resolve hierarchies, refuse an
+     'already merged' (merge), open plain views of merged hierarchies (refresh), plan,
+     skip an unchanged refresh, compute the manifests, build every overlay detached;
+  2. journals; attach every overlay of every class (attach.attach_all; one rollback);
+  3. commit: unmerge hierarchies that lost their content, save records and manifests,
+     drop the journals, reload the service manager if an extension asks for it.
+Nothing visible changes before step 2, so a call that fails in step 1 changes nothing."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import sys
+from contextlib import ExitStack
 
-from overlayctl import apply, faults
-from overlayctl.errors import die
+from overlayctl import attach, faults, live, log, metadata, state
+from overlayctl.errors import AlreadyMerged, OverlayctlError, die
 from overlayctl.images import Image, discover, read_metadata
-from overlayctl.paths import chase
+from overlayctl.metadata import Origin
+from overlayctl.mountns import Locked, lock
+from overlayctl.paths import chase, inside
 from overlayctl.plan import HierarchyPlan, make_plan
-from overlayctl.release import check_compatible, host_os_release
+from overlayctl.release import check_compatible, host_os_release, parse_boolean
 from overlayctl.settings import Settings
+from overlayctl.state import Manifest, MergeRecord
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
     from typing import Any
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+def require_root(what: str = "merge or unmerge") -> None:
+    if os.geteuid() != 0:
+        raise die(f"need to be privileged to {what}", "run as root")
 
 
-def mount_raw(img: Image, stack: contextlib.ExitStack) -> None:
-    """Mount a raw image (detached) for the rest of this invocation: its root becomes the
-    image's path, the file is kept as its source."""
+# ---------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _mount_raw(img: Image, stack: ExitStack) -> Image:
+    """Mount a raw image (detached) for the rest of the call: its root becomes the image's
+    path, the file is kept as its source."""
     from overlayctl import rawimage
-    fd, usr_only = rawimage.mount_image(img.path)
-    stack.callback(os.close, fd)
-    img.source, img.path, img.usr_root = img.path, f"/proc/self/fd/{fd}", usr_only
+    fd, usr_only = rawimage.mount_image(img.path, stack)
+    return img.replace(source=img.path, path=f"/proc/self/fd/{fd}", usr_root=usr_only)
 
 
-def accepted_images(s: Settings, stack: contextlib.ExitStack) -> list[Image]:
-    images = discover(s)
-    for img in images:
-        if img.type in ("raw", "block"):
-            mount_raw(img, stack)
-        read_metadata(s, img)
+def accepted_images(s: Settings, stack: ExitStack) -> list[Image]:
+    """The compatible images of S's class, in version order (raw ones mounted)."""
     host = host_os_release(s.root)
+    if not host:
+        raise die(f"the root {s.root} has no os-release (etc/os-release or "
+                  "usr/lib/os-release)", "a root needs an os-release with ID=")
+    if not host.get("ID"):
+        raise die(f"the host os-release in {s.root} has no ID=",
+                  "add ID= to etc/os-release or usr/lib/os-release in the root")
+    images = []
+    for img in discover(s):
+        if img.type in ("raw", "block"):
+            img = _mount_raw(img, stack)
+        images.append(read_metadata(s, img))
     scope = "initrd" if s.initrd else "system"
     accepted: list[Image] = []
     ignored = 0
     for img in images:
         if img.source and s.cls.name == "sysext" and not s.force and img.tree_path(
                 "/usr/lib/os-release"):
-            log(f"Ignoring extension '{img.name}': it contains usr/lib/os-release.")
+            log.info(f"Ignoring extension '{img.name}': it contains usr/lib/os-release.")
             ignored += 1
             continue
-        if not host.get("ID"):
-            raise die(f"the host os-release in {s.root} has no ID=",
-                      "add ID= to etc/os-release or usr/lib/os-release in the root")
         if s.force:
             accepted.append(img)
             continue
         reason = check_compatible(img.release.data if img.release and img.release.path else None,
                                   host, s.cls.info, scope, img.name)
         if reason:
-            log(f"Ignoring extension '{img.name}': {reason}.")
+            log.info(f"Ignoring extension '{img.name}': {reason}.")
             ignored += 1
             continue
+        log.debug(f"Extension '{img.name}' ({img.source or img.path}) is compatible.")
         accepted.append(img)
     if accepted:
-        log("Using extensions " + ", ".join(f"'{i.name}'" for i in accepted) + ".")
+        log.info("Using extensions " + ", ".join(f"'{i.name}'" for i in accepted) + ".")
     elif s.mutable == "no":
-        log("No suitable extensions found" + (f" ({ignored} ignored due to incompatible "
-                                               "image(s))." if ignored else "."))
+        log.info("No suitable extensions found" + (f" ({ignored} ignored due to incompatible "
+                                                    "image(s))." if ignored else "."))
     else:
-        log("No extensions found, proceeding in mutable mode.")
+        log.info("No extensions found, proceeding in mutable mode.")
     return accepted
 
 
-def journal_path(root: str, name: str) -> str:
-    """Marks a merge under way: left behind only by a process that was killed."""
-    return os.path.join(root, "run", "overlayctl", f"{name}.merging")
+def origin_of(s: Settings, plans: list[HierarchyPlan], accepted: list[Image]) -> Origin:
+    """What this merge is made from (compared by the refresh-skip decision)."""
+    root = s.root
+    exts: dict[str, dict[str, Any]] = {}
+    for img in accepted:
+        src = img.source or img.path
+        st = os.stat(src)
+        exts[img.name] = {"path": inside(root, src), "inode": st.st_ino, "dev": st.st_dev,
+                          "mtime": st.st_mtime_ns // 1000}
+    defaults: dict[str, dict[str, Any]] = {}
+    for p in plans:
+        d = next((layer.path for layer in p.lowers if layer.role == "defaults"), None)
+        if d:
+            st = os.stat(d)
+            defaults[p.hierarchy] = {"path": inside(root, d), "inode": st.st_ino,
+                                     "mtime": st.st_mtime_ns // 1000}
+    return Origin(mode=s.mutable,
+                  mutable_dirs={p.hierarchy: inside(root, p.mutable_dir) for p in plans
+                                if p.mutable_dir},
+                  extensions=exts, mount_options=s.overlay_options, noexec=s.noexec,
+                  hierarchies=tuple(p.hierarchy for p in plans if p.merge), defaults=defaults)
 
 
-def merge(s: Settings, refresh: bool = False, recovering: bool = False) -> list[dict[str, Any]]:
-    """merge or refresh one class. Returns the plans (as JSON) for --dry-run."""
-    with contextlib.nullcontext() if s.dry_run else apply.lock(s.root), \
-            contextlib.ExitStack() as images:
-        accepted = accepted_images(s, images)
-        targets = [t for t in (chase(s.root, h, must_exist=True) for h in s.hierarchies)
-                   if t is not None]
-        merged = [t for t in targets if apply.is_ours(t, s.cls)]
-        journal = journal_path(s.root, s.cls.name)
-        interrupted = recovering or os.path.exists(journal) or any(
-            apply.stacked_ours(t) > 1 for t in merged)
-        if merged and interrupted and not s.dry_run:
-            # A killed merge or refresh: finish the job by rebuilding, never skip it.
-            log(f"An earlier merge of {s.cls.name} was interrupted: completing it.")
-            refresh = True
-        if merged and not refresh:
-            raise die(f"hierarchy '{merged[0]}' is already merged",
-                      f"use 'overlayctl {s.cls.name} refresh' or unmerge first")
-        if not accepted and s.mutable == "no" and not s.defaults:
-            if refresh and merged and not s.dry_run:
-                apply.unmerge(s)
-            return []
-        views = apply.plain_views(merged, s.cls) if merged else {}
-        carry: dict[str, int] = {}
-        try:
-            plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t))
-            for p in plans:
-                _own_workdir(s, p, merged)
-            if s.dry_run:
-                return [_shown_plan(p.as_json(), views) for p in plans]
-            origin = apply.origin_of(s, plans, accepted)
-            if (refresh and merged and not s.always_refresh and not interrupted
-                    and _unchanged(s, merged, origin)):
-                log("Skipping extension refresh because no change was found, use "
-                    "--always-refresh=yes to always do a refresh.")
-                return []
-            if refresh:
-                # Hierarchies that are merged now but get no overlay this time.
-                for p in plans:
-                    if not p.merge and p.target in merged:
-                        sub = Settings(**{**s.__dict__, "hierarchies": (p.hierarchy,)})
-                        apply.unmerge(sub)
-            if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
-                from overlayctl.local import update_manifest
-                for p in plans:
-                    if p.merge:
-                        update_manifest(s.root, s.cls, p)
-            if refresh:
-                for p in plans:
-                    if p.upper_kind == "ephemeral" and p.target in merged:
-                        fd = apply.carried_ephemeral(p.target, s.cls)
-                        if fd is not None:
-                            carry[p.target] = fd
-            with open(journal, "w", encoding="utf-8") as f:
-                f.write(f"{os.getpid()}\n")
-            try:
-                faults.checkpoint("journal")
-                apply.put_in_place(s, plans, origin, views, replace=refresh, carry=carry)
-            finally:
-                # Only a killed process leaves it behind: put_in_place rolls back otherwise.
-                os.unlink(journal)
-            if any(p.merge for p in plans):
-                maybe_reload(s, accepted)
-        finally:
-            for v in views.values():
-                os.close(v.fd)
-            for fd in carry.values():
-                os.close(fd)
-        return []
-
-
-def _unchanged(s: Settings, merged: list[str], origin: dict[str, Any]) -> bool:
-    from overlayctl import metadata
+def _unchanged(s: Settings, merged: list[str], origin: Origin) -> bool:
     old = metadata.read_merged(merged[0], s.cls).origin
-    return old == origin and set(origin.get("hierarchies", [])) == {
+    return old == origin.to_json() and set(origin.hierarchies) == {
         h for h in s.hierarchies if chase(s.root, h, must_exist=True) in merged}
 
 
-def unmerge(s: Settings) -> None:
-    with apply.lock(s.root):
-        # As upstream: decided before unmounting (from the merged tree), reloaded after.
-        reload = _reload_wanted_by_merged(s)
-        apply.unmerge(s)
-        if reload:
-            _daemon_reload()
+def _with_merged_mode(s: Settings, merged: list[str]) -> Settings:
+    """A refresh that names no mode (command line, environment, config) keeps the mode the
+    hierarchies are merged in: re-merging read-only under a running apt would break it."""
+    if s.mutable_source != "default" or not merged:
+        return s
+    for t in merged:
+        rec = metadata.read_merged(t, s.cls).record
+        if rec is not None:
+            if rec.mode != s.mutable:
+                log.info(f"Keeping mutable mode '{rec.mode}' of the merged {s.cls.name} "
+                         "hierarchies (no mode given).")
+            return s.replace(mutable=rec.mode, mutable_source="merged")
+        origin = metadata.read_merged(t, s.cls).origin or {}
+        mode = (origin.get("mutable") or {}).get("mode")
+        from overlayctl.vocab import MUTABLE_MODES
+        if mode in MUTABLE_MODES and mode != s.mutable:
+            log.info(f"Keeping mutable mode '{mode}' of the merged {s.cls.name} hierarchies "
+                     "(no mode given).")
+            return s.replace(mutable=mode, mutable_source="merged")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# merge / refresh
+
+
+class Prepared:
+    """One class of a merge or refresh call, built and ready to attach."""
+
+    __slots__ = ("settings", "accepted", "staged", "drop", "manifests", "journal")
+
+    def __init__(self, settings: Settings, accepted: list[Image], staged: attach.Staged | None,
+                 drop: list[tuple[str, str]], manifests: dict[str, Manifest],
+                 journal: str) -> None:
+        self.settings = settings
+        self.accepted = accepted
+        self.staged = staged
+        self.drop = drop                 # (hierarchy, target) merged now, no overlay after
+        self.manifests = manifests       # hierarchy -> manifest to save once merged
+        self.journal = journal
+
+
+def _prepare(locked: Locked | None, s: Settings, refresh: bool,
+             stack: ExitStack) -> Prepared | list[dict[str, Any]] | None:
+    """Step 1 for one class: the plans (returned for --dry-run), or the staged overlays;
+    None when there is nothing to do (an unchanged refresh)."""
+    accepted = accepted_images(s, stack)
+    targets = [(h, t) for h in s.hierarchies
+               if (t := chase(s.root, h, must_exist=True)) is not None]
+    merged = [t for _, t in targets if os.path.isdir(t) and live.is_ours(t, s.cls)]
+    journal = state.journal_path(s.root, s.cls.name)
+    interrupted = os.path.exists(journal) or any(live.stacked_ours(t) > 1 for t in merged)
+    if merged and interrupted and not s.dry_run:
+        # A killed merge or refresh: finish the job by rebuilding, never skip it.
+        log.notice(f"An earlier merge of {s.cls.name} was interrupted: completing it.")
+        refresh = True
+    if merged and not refresh:
+        raise AlreadyMerged(merged[0], s.cls.name)
+    if refresh:
+        s = _with_merged_mode(s, merged)
+    drop_all = [(h, t) for h, t in targets if t in merged]
+    if not accepted and s.mutable == "no" and not s.defaults:
+        return [] if s.dry_run else Prepared(s, accepted, None, drop_all, {}, journal)
+    views = live.plain_views(merged, s.cls, stack)
+    live_work = {t: w for t in merged
+                 if (w := metadata.read_merged(t, s.cls).work_dir) is not None}
+    plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t), live_work)
+    if s.dry_run:
+        return [_shown_plan(p.as_json(), views) for p in plans]
+    origin = origin_of(s, plans, accepted)
+    if (refresh and merged and not s.always_refresh and not interrupted
+            and _unchanged(s, merged, origin)):
+        log.info("Skipping extension refresh because no change was found, use "
+                 "--always-refresh=yes to always do a refresh.")
+        return None
+    manifests: dict[str, Manifest] = {}
+    if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
+        from overlayctl import manifest
+        for p in plans:
+            m = manifest.updated(s.root, s.cls.name, p) if p.merge else None
+            if m is not None:
+                manifests[p.hierarchy] = m
+    carry: dict[str, int] = {}
+    for p in plans:
+        if refresh and p.upper_kind == "ephemeral" and p.target in merged:
+            fd = live.carried_ephemeral(p.target, s.cls, stack)
+            if fd is not None:
+                carry[p.target] = fd
+    assert locked is not None
+    staged = attach.build_all(locked, s, plans, origin, views, replace=refresh, carry=carry,
+                              stack=stack)
+    drop = [(p.hierarchy, p.target) for p in plans if not p.merge and p.target in merged]
+    return Prepared(s, accepted, staged, drop, manifests, journal)
+
+
+def _shown_plan(j: dict[str, Any], views: dict[str, live.PlainView]) -> dict[str, Any]:
+    """A plan for --dry-run with plain views of merged hierarchies shown by their path."""
+    import json
+    text = json.dumps(j)
+    for target, v in views.items():
+        real = os.path.dirname(target) if v.rel else target
+        text = text.replace(json.dumps(v.fd_prefix)[1:-1], json.dumps(real)[1:-1])
+    out: dict[str, Any] = json.loads(text)
+    return out
+
+
+def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any]]:
+    """merge or refresh every class of SETTINGS (in order: confext first) as one call, all
+    or nothing. Returns the plans (as JSON) for --dry-run."""
+    if settings and settings[0].dry_run:
+        plans: list[dict[str, Any]] = []
+        for s in settings:
+            with ExitStack() as stack:
+                got = _prepare(None, s, refresh, stack)
+                if isinstance(got, list):
+                    plans.extend(got)
+        return plans
+    root = settings[0].root
+    with lock(root) as locked:
+        run(locked, settings, refresh)
+    return []
+
+
+def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
+    """merge or refresh under a lock the caller holds (local verbs rebuild through this)."""
+    with ExitStack() as stack:
+        prepared: list[Prepared] = []
+        for s in settings:
+            got = _prepare(locked, s, refresh, stack)
+            if isinstance(got, Prepared):
+                prepared.append(got)
+        if not prepared:
+            return
+        for p in prepared:
+            state.write_journal(p.journal)
+        faults.checkpoint("journal")
+        try:
+            attach.attach_all(locked, [p.staged for p in prepared if p.staged is not None])
+        except BaseException:
+            for p in prepared:
+                state.drop_journal(p.journal)
+            raise
+        _commit(locked, prepared)
+
+
+def _commit(locked: Locked, prepared: list[Prepared]) -> None:
+    """Everything is in place: unmerge what lost its content, save the records, and the
+    manifests, drop the journals (a kill before this completes the call next time)."""
+    reload = False
+    for p in prepared:
+        s = p.settings
+        for h, t in p.drop:
+            live.unmerge_one(locked, s.replace(hierarchies=(h,)), h, t)
+        for b in p.staged.built if p.staged else []:
+            faults.checkpoint("record", b.plan.hierarchy)
+            log.info(f"Merged extensions into '{b.plan.target}'.")
+            try:
+                state.save_record(s.root, b.record)
+                m = p.manifests.get(b.plan.hierarchy)
+                if m is not None:
+                    state.save_manifest(s.root, s.cls.name, b.plan.hierarchy, m)
+            except OSError as e:
+                log.warning(f"Could not save the merge record of {b.plan.hierarchy}: "
+                            f"{e.strerror}")
+        state.drop_journal(p.journal)
+        if p.staged and p.staged.built and _reload_wanted(s, p.accepted):
+            reload = True
+    if reload:
+        _daemon_reload()
+
+
+def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
+    """Put a rebuilt overlay of one hierarchy in place after its raw upper changed (reset,
+    cleanup): the same mode, options and defaults as its record says, swapped in atomically."""
+    from overlayctl.settings import load_settings
+    defaults = {rec.hierarchy: rec.defaults} if rec.defaults else None
+    s = load_settings(root, rec.cls, cli_mutable=rec.mode, noexec=rec.noexec,
+                      always_refresh=True, no_reload=True, defaults=defaults, force=rec.force,
+                      hierarchies=(rec.hierarchy,))
+    s = s.replace(overlay_options=rec.mount_options)
+    run(locked, [s], refresh=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# unmerge
+
+
+def unmerge(settings: list[Settings]) -> None:
+    """Unmerge every class of SETTINGS (sysext first, confext last)."""
+    if not settings:
+        return
+    done = 0
+    with lock(settings[0].root) as locked:
+        for s in settings:
+            # As upstream: decided before unmounting (from the merged tree), reloaded after.
+            reload = _reload_wanted_by_merged(s)
+            done += len(live.unmerge(locked, s))
+            if reload:
+                _daemon_reload()
+    if done == 0:
+        log.info("No merged hierarchies found.")
+
+
+def unmerge_dry_run(s: Settings) -> list[str]:
+    """What unmerge would take down."""
+    return live.merged_targets(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service manager
+
+
+def _reload_possible(s: Settings) -> bool:
+    return not s.no_reload and s.root == "/" and os.path.isdir("/run/systemd/system")
+
+
+def _reload_wanted(s: Settings, images: list[Image]) -> bool:
+    """EXTENSION_RELOAD_MANAGER=1 in a merged extension: reload the service manager, unless
+    --no-reload or --root (which implies it), and only where systemd runs."""
+    if not _reload_possible(s):
+        return False
+    want = False
+    for img in images:
+        value = img.release.data.get("EXTENSION_RELOAD_MANAGER") if img.release else None
+        if value is None:
+            continue
+        b = parse_boolean(value)
+        if b is None:
+            log.warning(f"Ignoring EXTENSION_RELOAD_MANAGER={value} of '{img.name}': not a "
+                        "boolean.")
+        want = want or bool(b)
+    return want
 
 
 def _reload_wanted_by_merged(s: Settings) -> bool:
     """Does a merged extension ask for a service-manager reload (EXTENSION_RELOAD_MANAGER)?
     Read from the release files in the merged tree."""
-    from overlayctl import metadata
-    from overlayctl.release import parse_boolean, parse_env_file
-    if s.no_reload or s.root != "/" or not os.path.isdir("/run/systemd/system"):
+    from overlayctl.release import parse_env_file
+    if not _reload_possible(s):
         return False
     release_dir = "/" + s.cls.info.release_dir
     for h in s.hierarchies:
         t = chase(s.root, h, must_exist=True)
-        if t is None or not os.path.isdir(t) or not apply.is_ours(t, s.cls):
+        if t is None or not os.path.isdir(t) or not live.is_ours(t, s.cls):
             continue
         if not release_dir.startswith(h.rstrip("/") + "/"):
             continue
@@ -198,54 +388,59 @@ def _daemon_reload() -> None:
                   "check 'journalctl -b' and reload by hand")
 
 
-def maybe_reload(s: Settings, images: list[Image]) -> None:
-    """EXTENSION_RELOAD_MANAGER=1 in a merged extension: reload the service manager, unless
-    --no-reload or --root (which implies it), and only where systemd runs."""
-    from overlayctl.release import parse_boolean
-    if s.no_reload or s.root != "/" or not os.path.isdir("/run/systemd/system"):
-        return
-    want = False
-    for img in images:
-        value = img.release.data.get("EXTENSION_RELOAD_MANAGER") if img.release else None
-        if value is None:
-            continue
-        b = parse_boolean(value)
-        if b is None:
-            log(f"Ignoring EXTENSION_RELOAD_MANAGER={value} of '{img.name}': not a boolean.")
-        want = want or bool(b)
-    if want:
-        _daemon_reload()
+# ---------------------------------------------------------------------------------------------
+# status and list
 
 
-def _own_workdir(s: Settings, p: HierarchyPlan, merged: list[str]) -> None:
-    """A refresh gives the new overlay a work dir of its own: mounting over a work dir that
-    the old overlay still uses would pull its 'work' directory out from under it."""
-    if not p.workdir or p.target not in merged:
-        return
-    from overlayctl import metadata
-    old = metadata.read_merged(p.target, s.cls).work_dir
-    if old and os.path.basename(old) == os.path.basename(p.workdir):
-        base = os.path.basename(p.workdir)
-        alt = base[:-2] if base.endswith(".1") else base + ".1"
-        p.workdir = os.path.join(os.path.dirname(p.workdir), alt)
-
-
-def _shown_plan(j: dict[str, Any], views: dict[str, apply.PlainView]) -> dict[str, Any]:
-    """A plan for --dry-run with plain views of merged hierarchies shown by their path."""
-    text = json.dumps(j)
-    for target, v in views.items():
-        real = os.path.dirname(target) if v.rel else target
-        base = f"/proc/self/fd/{v.fd}"
-        text = text.replace(json.dumps(base)[1:-1], json.dumps(real)[1:-1])
-    out: dict[str, Any] = json.loads(text)
-    return out
-
-
-def unmerge_dry_run(s: Settings) -> list[str]:
-    """What unmerge would take down."""
-    out = []
+def status_rows(s: Settings) -> list[dict[str, Any]]:
+    """One row per hierarchy of S: what is merged there, since when, in which mode."""
+    from overlayctl import kernel, mountinfo
+    rows = []
+    mounts = mountinfo.read()
+    atomic = kernel.can_mount_beneath()
     for h in s.hierarchies:
-        t = chase(s.root, h, must_exist=True)
-        if t is not None and os.path.isdir(t) and apply.is_ours(t, s.cls):
-            out.append(t)
-    return out
+        target = chase(s.root, h, must_exist=True)
+        if target is None or not os.path.isdir(target):
+            continue
+        row: dict[str, Any] = {"hierarchy": h, "extensions": [], "since": None,
+                               "mutable": None, "upperdir": None, "writable": False,
+                               "defaults": None, "atomic_refresh": atomic, "merged": False}
+        if live.is_ours(target, s.cls, mounts):
+            merged = metadata.read_merged(target, s.cls)
+            rec = merged.record
+            origin = merged.origin or {}
+            row["merged"] = True
+            row["extensions"] = merged.names
+            row["since"] = rec.since if rec and rec.since else (
+                os.stat(target).st_mtime_ns // 1000)
+            row["mutable"] = rec.mode if rec else (origin.get("mutable") or {}).get("mode")
+            top = mountinfo.top_mount(mounts, target)
+            upper = top.super_option("upperdir") if top else None
+            if rec is not None:
+                row["upperdir"] = rec.upperdir
+            elif upper:
+                row["upperdir"] = (upper if s.root == "/" or not upper.startswith(s.root)
+                                   else upper[len(s.root.rstrip("/")):])
+            if row["mutable"] is None:
+                row["mutable"] = "yes" if upper else "no"
+            row["writable"] = bool(upper) and not os.statvfs(target).f_flag & os.ST_RDONLY
+            if rec is not None and rec.upper == "ephemeral":
+                # The raw ephemeral upper, exposed read-only inside the metadata directory.
+                eph = os.path.join(target, s.cls.meta_dir, live.EPHEMERAL_DIR, "upper")
+                row["upperdir"] = (os.path.join(h, s.cls.meta_dir, live.EPHEMERAL_DIR, "upper")
+                                   if os.path.isdir(eph) else None)
+                row["ephemeral"] = True
+            row["defaults"] = rec.defaults if rec else None
+        detached = state.detached_alive(s.root, s.cls.name, h)
+        if detached:
+            row["detached"] = detached
+        rows.append(row)
+    return rows
+
+
+def list_rows(s: Settings) -> list[dict[str, Any]]:
+    return [{"name": img.name, "type": img.type, "path": img.path, "time": img.mtime_us,
+             "class": s.cls.name} for img in discover(s)]
+
+
+__all__ = ["OverlayctlError", "merge", "rebuild", "run", "status_rows", "unmerge"]

@@ -18,3 +18,28 @@ class OverlayctlError(Exception):
 def die(message: str, hint: str | None = None) -> OverlayctlError:
     """Build the error to raise: ``raise die("...", hint="...")``."""
     return OverlayctlError(message, hint)
+
+
+class AlreadyMerged(OverlayctlError):
+    """merge found a hierarchy merged already (varlink: io.systemd.sysext.AlreadyMerged)."""
+
+    def __init__(self, hierarchy: str, class_name: str) -> None:
+        super().__init__(f"hierarchy '{hierarchy}' is already merged",
+                         f"use 'overlayctl {class_name} refresh' or unmerge first")
+        self.hierarchy = hierarchy
+
+
+def hint_for(e: OSError) -> str:
+    """What to do about a system call that failed with E while mounting or writing."""
+    import errno
+    return {
+        errno.EXDEV: "upper and work directory must be on the same mount",
+        errno.ELOOP: "a layer lies inside another layer; move the extension out of the hierarchy",
+        errno.EROFS: "the upper directory is on a read-only file system",
+        errno.EPERM: "run as root",
+        errno.EACCES: "check the permissions of the path, and run as root",
+        errno.ENOSPC: "free some space on that file system",
+        errno.EDQUOT: "the disk quota is exhausted: free some space",
+        errno.EINVAL: "see dmesg for what overlayfs objected to",
+        errno.ENOENT: "check that the path exists",
+    }.get(e.errno or 0, "see dmesg for details")

@@ -5,26 +5,34 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 
 from overlayctl.errors import die
 from overlayctl.kernel import uname_architecture
 from overlayctl.paths import chase, inside
+from overlayctl.record import Record
 from overlayctl.release import ReleaseLookup, find_extension_release, valid_image_name
 from overlayctl.settings import ExtClass, Settings
 from overlayctl.versions import version_key
 
 
-@dataclass
-class Image:
+class Image(Record):
+    """An extension found in a search directory. Discovery fills it in steps, each a
+    replace(): found, then (raw images) mounted, then its release file read."""
+
+    __slots__ = ("name", "type", "path", "entry", "mtime_us", "release", "source", "usr_root")
     name: str
     type: str                 # directory, raw, block
     path: str                 # resolved host path
     entry: str                # the search-directory entry it was found as (host path)
-    mtime_us: int = 0
-    release: ReleaseLookup | None = field(default=None, repr=False)
-    source: str | None = None     # raw images: the image file; path is then its mounted root
-    usr_root: bool = False        # the mounted root is the image's /usr (a /usr partition)
+    mtime_us: int
+    release: ReleaseLookup | None
+    source: str | None        # raw images: the image file; path is then its mounted root
+    usr_root: bool            # the mounted root is the image's /usr (a /usr partition)
+
+    def __init__(self, name: str, type: str, path: str, entry: str, mtime_us: int = 0,
+                 release: ReleaseLookup | None = None, source: str | None = None,
+                 usr_root: bool = False) -> None:
+        self._fill(locals())
 
     def tree_path(self, path: str) -> str | None:
         """Host path of PATH (absolute, inside the image's tree), resolved inside the image;
@@ -136,11 +144,11 @@ def discover(settings: Settings) -> list[Image]:
     return sorted(found.values(), key=lambda i: version_key(i.name))
 
 
-def read_metadata(settings: Settings, img: Image) -> None:
-    """Load the release file of an image (raw ones must be mounted first, see
-    engine.mounted_images); refuse a sysext directory with os-release."""
+def read_metadata(settings: Settings, img: Image) -> Image:
+    """The image with its release file read (raw ones must be mounted first); refuse a
+    sysext directory with os-release."""
     if img.type not in ("directory", "raw", "block"):
-        return
+        return img
     if settings.cls.name == "sysext" and img.type == "directory":
         osr = img.tree_path("/usr/lib/os-release")
         if osr is not None and os.path.lexists(osr):
@@ -149,7 +157,8 @@ def read_metadata(settings: Settings, img: Image) -> None:
                       "remove usr/lib/os-release from the extension "
                       "(--force does not override this)")
     rel_dir = img.tree_path("/" + settings.cls.info.release_dir)
-    img.release = (find_extension_release(os.path.dirname(rel_dir), img.name, settings.cls.info,
-                                          release_dir=os.path.basename(rel_dir))
-                   if rel_dir else ReleaseLookup(None))
+    return img.replace(release=(
+        find_extension_release(os.path.dirname(rel_dir), img.name, settings.cls.info,
+                               release_dir=os.path.basename(rel_dir))
+        if rel_dir else ReleaseLookup(None)))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import ExitStack
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -104,6 +105,22 @@ def kernel_at_least(major: int, minor: int) -> bool:
     except ValueError:
         return False
     return have >= (major, minor)
+
+
+def can_mount_beneath() -> bool:
+    """MOVE_MOUNT_BENEATH appeared in Linux 6.5."""
+    return kernel_at_least(6, 5)
+
+
+CLONE_NEWNS = 0x00020000
+
+
+def unshare_mount_ns() -> None:
+    """A private mount namespace for this process: nothing mounted here propagates back."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+    mount("none", "/", None, MS_REC | MS_PRIVATE, None)
 
 
 def have_new_mount_api() -> bool:
@@ -208,6 +225,23 @@ def umount(target: str, flags: int = MNT_DETACH | UMOUNT_NOFOLLOW) -> None:
     _check(_libc.umount2(_b(target), flags), "umount", target)
 
 
+def tmpfs(mode: str = "0700") -> int:
+    """A new tmpfs as a detached mount (reachable only through the returned fd)."""
+    fd = fsopen("tmpfs")
+    try:
+        fsconfig_string(fd, "mode", mode)
+        fsconfig_create(fd)
+        return fsmount(fd, MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID)
+    finally:
+        os.close(fd)
+
+
+def fd_path(fd: int, rel: str = "") -> str:
+    """A path through which FD (a directory or detached mount) is reached."""
+    base = f"/proc/self/fd/{fd}"
+    return f"{base}/{rel}" if rel else base
+
+
 def uname_architecture() -> str:
     """The kernel architecture in systemd's naming (x86-64, arm64, ...)."""
     m = os.uname().machine
@@ -219,3 +253,9 @@ def uname_architecture() -> str:
         "mips64": "mips64", "mips": "mips", "alpha": "alpha", "parisc": "parisc",
         "sparc64": "sparc64", "sparc": "sparc", "sh": "sh", "ia64": "ia64",
     }.get(m, m)
+
+
+def owned(stack: ExitStack, fd: int) -> int:
+    """Hand FD to STACK: it is closed when the stack unwinds, whatever happens."""
+    stack.callback(os.close, fd)
+    return fd

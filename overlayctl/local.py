@@ -7,14 +7,15 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
-from overlayctl import state
+from overlayctl import engine, live, state
 from overlayctl.errors import die
+from overlayctl.mountns import Locked
 from overlayctl.paths import chase
-from overlayctl.plan import HierarchyPlan
 from overlayctl.settings import CLASSES, ExtClass, parse_hierarchies
+from overlayctl.state import Manifest, MergeRecord
 from overlayctl.upper import (
     Change,
     Entry,
@@ -27,69 +28,16 @@ from overlayctl.upper import (
     is_whiteout,
     lower_entry,
     lstat_or_none,
-    merged_lower,
     remove,
     same_entry,
     upper_blocker,
     walk_upper,
 )
+from overlayctl.vocab import LOWER_ROLES
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
     from typing import Any
-
-LOWER_ROLES = ("import", "extension", "base", "defaults")
-
-
-# ---------------------------------------------------------------------------------------------
-# Manifest (format: docs/defaults.md)
-
-
-def _lower_snapshot(layers: list[LayerRef], old: dict[str, Any]) -> dict[str, Any]:
-    """rel -> [size, mtime_ns, ino, digest] for every entry the lower layers show; digests
-    are reused from OLD when the stat identity is unchanged."""
-    snap: dict[str, Any] = {}
-    for rel, e in merged_lower(layers):
-        ident = [e.st.st_size, e.st.st_mtime_ns, e.st.st_ino]
-        prev = old.get(rel)
-        if isinstance(prev, list) and prev[:3] == ident:
-            snap[rel] = prev
-        else:
-            snap[rel] = [*ident, digest(e.path, e.st)]
-    return snap
-
-
-def wants_manifest(plan: HierarchyPlan) -> bool:
-    """Kept where it is cheap and useful: a persistent upper over a defaults layer, or /etc."""
-    return plan.upper_kind in ("persistent", "host") and (
-        any(layer.role == "defaults" for layer in plan.lowers) or plan.hierarchy == "/etc")
-
-
-def update_manifest(root: str, cls: ExtClass, plan: HierarchyPlan) -> None:
-    """At merge/refresh, before mounting: record for each new upper entry what the lower was
-    while it was made (the snapshot of the previous merge), then take a new snapshot."""
-    if not wants_manifest(plan) or not plan.upperdir or not os.path.isdir(plan.upperdir):
-        return
-    layers = [LayerRef(layer.role, layer.path, layer.name) for layer in plan.lowers
-              if layer.path and layer.role in LOWER_ROLES]
-    m = state.load_manifest(root, cls.name, plan.hierarchy)
-    old_lower: dict[str, Any] = m["lower"]
-    had_snapshot = bool(m.get("snapshot_taken"))
-    new_lower = _lower_snapshot(layers, old_lower)
-    copies: dict[str, str] = m["copies"]
-    present: set[str] = set()
-    for rel, p, st in walk_upper(plan.upperdir):
-        if is_whiteout(p, st):
-            continue
-        present.add(rel)
-        if rel not in copies:
-            src = old_lower if had_snapshot else new_lower
-            copies[rel] = src[rel][3] if rel in src else ""
-    m["copies"] = {r: d for r, d in copies.items() if r in present}
-    m["pinned"] = sorted(r for r in m["pinned"] if r in present)
-    m["lower"] = new_lower
-    m["snapshot_taken"] = True
-    state.save_manifest(root, cls.name, plan.hierarchy, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +49,7 @@ class Stack:
     cls: ExtClass
     hierarchy: str
     target: str
-    record: dict[str, Any]
+    record: MergeRecord
     merged: bool
     upper: str | None                 # raw upper (host path), None when there is none to read
     layers: list[LayerRef] = field(default_factory=list)
@@ -109,7 +57,7 @@ class Stack:
 
     @property
     def ephemeral(self) -> bool:
-        return self.record.get("upper") == "ephemeral"
+        return self.record.upper == "ephemeral"
 
 
 def all_hierarchies() -> list[tuple[ExtClass, str]]:
@@ -142,17 +90,16 @@ def hierarchy_of(path: str) -> tuple[ExtClass, str, str]:
 
 @contextmanager
 def open_stack(root: str, cls: ExtClass, hierarchy: str) -> Iterator[Stack]:
-    from overlayctl import apply
     record = state.load_record(root, cls.name, hierarchy)
     if record is None:
         raise die(f"{hierarchy} has never been merged by overlayctl in {root}",
                   f"merge it first, e.g. overlayctl --root={root} {cls.name} merge --mutable=yes")
     target = chase(root, hierarchy) or os.path.join(root, hierarchy.lstrip("/"))
-    merged = os.path.isdir(target) and apply.is_ours(target, cls)
-    views = apply.plain_views([target], cls) if merged else {}
-    plain = views[target].path if merged else target
-    extra_fds: list[int] = []
-    try:
+    merged = os.path.isdir(target) and live.is_ours(target, cls)
+    with ExitStack() as stack:
+        views = live.plain_views([target], cls, stack) if merged else {}
+        plain = views[target].path if merged else target
+
         def host(p: str | None) -> str | None:
             if p is None:
                 return None
@@ -160,28 +107,22 @@ def open_stack(root: str, cls: ExtClass, hierarchy: str) -> Iterator[Stack]:
                 return plain + p[len(hierarchy):]
             return os.path.join(root, p.lstrip("/"))
 
-        kind = record.get("upper")
-        upper = host(record.get("upperdir")) if kind in ("persistent", "host") else None
+        kind = record.upper
+        upper = host(record.upperdir) if kind in ("persistent", "host") else None
         if kind == "ephemeral" and merged:
-            # Exposed read-only by the overlay itself (see apply.EPHEMERAL_DIR); a writable
+            # Exposed read-only by the overlay itself (see live.EPHEMERAL_DIR); a writable
             # clone of that tmpfs lets reset and cleanup edit it.
-            efd = apply.carried_ephemeral(target, cls)
+            efd = live.carried_ephemeral(target, cls, stack)
             if efd is not None:
-                extra_fds.append(efd)
                 upper = f"/proc/self/fd/{efd}/upper"
         layers = []
-        for layer in record.get("layers", []):
-            if layer.get("role") not in LOWER_ROLES or not layer.get("path"):
+        for layer in record.layers:
+            if layer.role not in LOWER_ROLES or not layer.path:
                 continue
-            hp = host(layer["path"])
+            hp = host(layer.path)
             if hp and os.path.isdir(hp):
-                layers.append(LayerRef(layer["role"], hp, layer.get("name")))
+                layers.append(LayerRef(layer.role, hp, layer.name))
         yield Stack(cls, hierarchy, target, record, merged, upper, layers, plain)
-    finally:
-        for v in views.values():
-            os.close(v.fd)
-        for fd in extra_fds:
-            os.close(fd)
 
 
 def _need_upper(st: Stack) -> str:
@@ -211,7 +152,7 @@ def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
                     _need_upper(st)
                 continue
             m = state.load_manifest(root, cls.name, h)
-            pinned = set(m["pinned"])
+            pinned = set(m.pinned)
             for c in classify(st.upper, st.layers, [r for r in rels if r] or None):
                 j = c.as_json(h)
                 j["default_changed"] = _default_changed(c, m)
@@ -220,16 +161,16 @@ def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _default_changed(c: Change, m: dict[str, Any]) -> bool:
+def _default_changed(c: Change, m: Manifest) -> bool:
     if c.lower is None or c.change == "deleted":
         return False
-    recorded = m["copies"].get(c.rel)
+    recorded = m.copies.get(c.rel)
     if recorded is None:
         return False
     if recorded == "":
         return True   # there was no default when the copy was made; now there is one
     st = c.lower.st
-    snap = m["lower"].get(c.rel)
+    snap = m.lower.get(c.rel)
     if isinstance(snap, list) and snap[:3] == [st.st_size, st.st_mtime_ns, st.st_ino]:
         current = snap[3]          # unchanged since the last merge: no need to hash it again
     else:
@@ -297,22 +238,8 @@ class Action:
         return {"path": self.path, "action": self.action, "detail": self.detail}
 
 
-def _rebuild(root: str, st: Stack) -> None:
-    """Put a rebuilt overlay in place after the raw upper changed (atomic swap)."""
-    from overlayctl import engine
-    from overlayctl.settings import load_settings
-    rec = st.record
-    defaults = {st.hierarchy: rec["defaults"]} if rec.get("defaults") else None
-    s = load_settings(root, st.cls.name, cli_mutable=rec.get("mode") or "no",
-                      noexec=rec.get("noexec"), always_refresh=True, no_reload=True,
-                      defaults=defaults, force=bool(rec.get("force")))
-    if "mount_options" in rec:
-        s.overlay_options = rec["mount_options"]
-    s.hierarchies = (st.hierarchy,)
-    engine.merge(s, refresh=True)
-
-
-def reset(root: str, paths: list[str], dry_run: bool) -> list[Action]:
+def reset(locked: Locked, paths: list[str], dry_run: bool) -> list[Action]:
+    root = locked.root
     actions: list[Action] = []
     by_stack = _targets(root, paths)
     for (cls, h), rels in by_stack.items():
@@ -358,20 +285,15 @@ def reset(root: str, paths: list[str], dry_run: bool) -> list[Action]:
                 continue
             for rel, up in todo:
                 remove(up)
-                _forget(m, rel)
+                m.forget(rel)
             state.save_manifest(root, cls.name, h, m)
             if st.merged:
-                _rebuild(root, st)
+                engine.rebuild(locked, root, st.record)
     return actions
 
 
-def _forget(m: dict[str, Any], rel: str) -> None:
-    prefix = rel.rstrip("/") + "/"
-    m["copies"] = {r: d for r, d in m["copies"].items() if r != rel and not r.startswith(prefix)}
-    m["pinned"] = [r for r in m["pinned"] if r != rel and not r.startswith(prefix)]
-
-
-def pin(root: str, paths: list[str], unpin: bool = False) -> list[Action]:
+def pin(locked: Locked, paths: list[str], unpin: bool = False) -> list[Action]:
+    root = locked.root
     actions: list[Action] = []
     for (cls, h), rels in _targets(root, paths).items():
         with open_stack(root, cls, h) as st:
@@ -382,8 +304,8 @@ def pin(root: str, paths: list[str], unpin: bool = False) -> list[Action]:
                 if not rel:
                     raise die(f"cannot pin all of {h}", f"name paths below {h}")
                 if unpin:
-                    if rel in m["pinned"]:
-                        m["pinned"].remove(rel)
+                    if rel in m.pinned:
+                        m.pinned.remove(rel)
                         actions.append(Action(shown, "unpinned"))
                     else:
                         actions.append(Action(shown, "unchanged", "was not pinned"))
@@ -406,10 +328,10 @@ def pin(root: str, paths: list[str], unpin: bool = False) -> list[Action]:
                     actions.append(Action(shown, "pinned", "copied the default up"))
                 else:
                     actions.append(Action(shown, "pinned", "kept the local copy"))
-                if rel not in m["pinned"]:
-                    m["pinned"].append(rel)
-                m["copies"][rel] = digest(low.path, low.st) if low else ""
-            m["pinned"].sort()
+                if rel not in m.pinned:
+                    m.pinned.append(rel)
+                m.copies[rel] = digest(low.path, low.st) if low else ""
+            m.pinned.sort()
             state.save_manifest(root, cls.name, h, m)
     return actions
 
@@ -421,8 +343,9 @@ def _copy_up_live(target: str, rel: str, low: Entry) -> None:
     os.chown(p, low.st.st_uid, low.st.st_gid, follow_symlinks=False)
 
 
-def cleanup(root: str, hierarchies: list[str], dry_run: bool) -> list[Action]:
+def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool) -> list[Action]:
     from overlayctl.settings import load_settings
+    root = locked.root
     actions: list[Action] = []
     wanted = [(c, h) for c, h in all_hierarchies()
               if state.load_record(root, c.name, h) is not None
@@ -442,14 +365,14 @@ def cleanup(root: str, hierarchies: list[str], dry_run: bool) -> list[Action]:
             for c in classify(upper, st.layers):
                 shown = os.path.join(h, c.rel)
                 up = os.path.join(upper, c.rel)
-                if (c.change == "identical" and c.rel not in m["pinned"] and c.lower is not None
+                if (c.change == "identical" and c.rel not in m.pinned and c.lower is not None
                         and c.lower.layer.role in ("defaults", "base")):
                     # Copies equal to an extension's file stay: that extension may go away.
                     if not stat.S_ISDIR(os.lstat(up).st_mode):
                         todo.append((c.rel, "remove", "identical to the layer below"))
                 elif c.change == "deleted" and shown in keep and c.lower is not None:
                     todo.append((c.rel, "remove", "whiteout of a path in KeepDefaults"))
-                elif c.change == "opaque" and m["copies"].get(c.rel) == "" and not any(
+                elif c.change == "opaque" and m.copies.get(c.rel) == "" and not any(
                         is_whiteout(os.path.join(up, n), os.lstat(os.path.join(up, n)))
                         for n in os.listdir(up)):
                     todo.append((c.rel, "clear-opaque",
@@ -463,10 +386,10 @@ def cleanup(root: str, hierarchies: list[str], dry_run: bool) -> list[Action]:
                     p = os.path.join(upper, rel)
                     if op == "remove":
                         remove(p)
-                        _forget(m, rel)
+                        m.forget(rel)
                     else:
                         clear_opaque(p)
-                        m["copies"].pop(rel, None)
+                        m.copies.pop(rel, None)
             # Directories left holding nothing, equal to the one below: pure containers.
             for rel, p, ust in sorted(walk_upper(upper), key=lambda t: -t[0].count("/")):
                 if not stat.S_ISDIR(ust.st_mode) or is_opaque(p):
@@ -482,9 +405,9 @@ def cleanup(root: str, hierarchies: list[str], dry_run: bool) -> list[Action]:
                 removed.add(rel)
                 if not dry_run:
                     os.rmdir(p)
-                    _forget(m, rel)
+                    m.forget(rel)
             if not dry_run and (todo or removed):
                 state.save_manifest(root, cls.name, h, m)
                 if st.merged:
-                    _rebuild(root, st)
+                    engine.rebuild(locked, root, st.record)
     return actions

@@ -7,7 +7,7 @@ import difflib
 import os
 import sys
 
-from overlayctl import local
+from overlayctl import local, log
 from overlayctl.errors import die
 from overlayctl.output import emit_json, table
 from overlayctl.upper import lower_entry
@@ -16,10 +16,7 @@ TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs 
 if TYPE_CHECKING:
     from typing import Any
 
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise die("need to be privileged to change layers", "run as root")
+    from overlayctl.mountns import Locked
 
 
 def run(verb: str, words: list[str], args: argparse.Namespace) -> int:
@@ -37,7 +34,7 @@ def run(verb: str, words: list[str], args: argparse.Namespace) -> int:
                     "yes" if r["default_changed"] else ""] for r in rows],
                   legend=not args.no_legend)
         else:
-            print("No local changes.", file=sys.stderr)
+            log.info("No local changes.")
         return 0
     if verb == "which":
         if len(words) != 1:
@@ -49,25 +46,25 @@ def run(verb: str, words: list[str], args: argparse.Namespace) -> int:
             label = r["layer"] + (f" {r['extension']}" if r["extension"] else "")
             print(f"{r['path']}: {label} ({r['source']})")
         return 0
-    _require_root()
-    from overlayctl.apply import lock
-    with lock(root):
-        return _change(verb, words, args)
+    from overlayctl.engine import require_root
+    from overlayctl.mountns import lock
+    require_root("change layers")
+    with lock(root) as locked:
+        return _change(locked, verb, words, args)
 
 
-def _change(verb: str, words: list[str], args: argparse.Namespace) -> int:
-    root = args.root
+def _change(locked: Locked, verb: str, words: list[str], args: argparse.Namespace) -> int:
     actions: list[local.Action]
     if verb == "reset":
         if not words:
             raise die("reset needs at least one PATH", "e.g. overlayctl reset /etc/hosts")
-        actions = local.reset(root, words, args.dry_run)
+        actions = local.reset(locked, words, args.dry_run)
     elif verb in ("pin", "unpin"):
         if not words:
             raise die(f"{verb} needs at least one PATH", f"e.g. overlayctl {verb} /etc/hosts")
-        actions = local.pin(root, words, unpin=(verb == "unpin"))
+        actions = local.pin(locked, words, unpin=(verb == "unpin"))
     else:
-        actions = local.cleanup(root, words, args.dry_run)
+        actions = local.cleanup(locked, words, args.dry_run)
     done: list[dict[str, Any]] = [a.as_json() for a in actions]
     if args.json != "off":
         emit_json(done, args.json)
@@ -77,7 +74,7 @@ def _change(verb: str, words: list[str], args: argparse.Namespace) -> int:
             print(f"{r['path']}: {prefix}{r['action']}" + (f" ({r['detail']})" if r["detail"]
                                                            else ""))
         if not done:
-            print("Nothing to do.", file=sys.stderr)
+            log.info("Nothing to do.")
     return 0
 
 

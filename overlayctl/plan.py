@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 from overlayctl.errors import die
 from overlayctl.images import Image
 from overlayctl.paths import chase, inside, is_empty_dir, single_component
+from overlayctl.record import Record
 from overlayctl.settings import Settings
+
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from overlayctl.vocab import LayerRole, MutableMode, UpperKind
 
 MAX_LOWERS = 500
 MUTABLE_DEFAULT_OPTIONS = "redirect_dir=on,noatime,metacopy=off,index=off"
@@ -20,12 +24,18 @@ VFS_WORDS = {"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "no
 MUTABLE_ROOT = "/var/lib/extensions.mutable"
 
 
-@dataclass
-class Layer:
-    role: str                  # meta, import, extension, base, defaults, filler
+class Layer(Record):
+    """One lower layer of an overlay."""
+
+    __slots__ = ("role", "path", "name", "image")
+    role: LayerRole
     path: str | None           # host path; None for layers in the private workspace
-    name: str | None = None    # the extension name, for role "extension"
-    image: str | None = None   # raw images: the image file the layer comes from
+    name: str | None           # the extension name, for role "extension"
+    image: str | None          # raw images: the image file the layer comes from
+
+    def __init__(self, role: LayerRole, path: str | None, name: str | None = None,
+                 image: str | None = None) -> None:
+        self._fill(locals())
 
     def describe(self) -> str:
         if self.path is None:
@@ -37,24 +47,37 @@ class Layer:
         return self.path
 
 
-@dataclass
-class HierarchyPlan:
+class HierarchyPlan(Record):
+    """The exact overlay of one hierarchy, decided before anything is mounted."""
+
+    __slots__ = ("hierarchy", "target", "mode", "merge", "skip_reason", "upper_kind",
+                 "upperdir", "workdir", "create_upper", "mutable_dir", "lowers", "fs_options",
+                 "vfs_options", "extensions", "top_mode", "base_used")
     hierarchy: str                     # as configured, e.g. /usr
     target: str                        # host path the overlay is mounted on
-    mode: str                          # mutable mode in force
+    mode: MutableMode                  # mutable mode in force
     merge: bool                        # False: left unmerged (see skip_reason)
-    skip_reason: str | None = None
-    upper_kind: str | None = None      # persistent, host, ephemeral, or None
-    upperdir: str | None = None        # host path (None for ephemeral: lives in the workspace)
-    workdir: str | None = None
-    create_upper: bool = False         # mode yes: the persistent dir has to be made
-    mutable_dir: str | None = None     # resolved persistent dir consulted, if any
-    lowers: list[Layer] = field(default_factory=list)     # top to bottom
-    fs_options: list[str] = field(default_factory=list)   # overlayfs options (key[=value])
-    vfs_options: list[str] = field(default_factory=list)  # per-mount flags (ro, nodev, ...)
-    extensions: list[str] = field(default_factory=list)   # every accepted name, ascending
-    top_mode: int = 0o755
-    base_used: bool = False
+    skip_reason: str | None
+    upper_kind: UpperKind | None       # persistent, host, ephemeral, or None
+    upperdir: str | None               # host path (None for ephemeral: lives in the workspace)
+    workdir: str | None
+    create_upper: bool                 # mode yes: the persistent dir has to be made
+    mutable_dir: str | None            # resolved persistent dir consulted, if any
+    lowers: tuple[Layer, ...]          # top to bottom
+    fs_options: tuple[str, ...]        # overlayfs options (key[=value])
+    vfs_options: tuple[str, ...]       # per-mount flags (ro, nodev, ...)
+    extensions: tuple[str, ...]        # every accepted name, ascending
+    top_mode: int
+    base_used: bool
+
+    def __init__(self, *, hierarchy: str, target: str, mode: MutableMode, merge: bool,
+                 skip_reason: str | None = None, upper_kind: UpperKind | None = None,
+                 upperdir: str | None = None, workdir: str | None = None,
+                 create_upper: bool = False, mutable_dir: str | None = None,
+                 lowers: tuple[Layer, ...] = (), fs_options: tuple[str, ...] = (),
+                 vfs_options: tuple[str, ...] = (), extensions: tuple[str, ...] = (),
+                 top_mode: int = 0o755, base_used: bool = False) -> None:
+        self._fill(locals())
 
     @property
     def readonly(self) -> bool:
@@ -72,11 +95,11 @@ class HierarchyPlan:
             "workdir": self.workdir if self.upper_kind != "ephemeral" else "<workspace>/work",
             "create_upper": self.create_upper,
             "lowerdirs": [layer.describe() for layer in self.lowers],
-            "layers": [asdict(layer) for layer in self.lowers],
-            "options": self.fs_options,
-            "mount_flags": self.vfs_options,
+            "layers": [layer.fields() for layer in self.lowers],
+            "options": list(self.fs_options),
+            "mount_flags": list(self.vfs_options),
             "readonly": self.readonly,
-            "extensions": self.extensions,
+            "extensions": list(self.extensions),
             "mode_bits": f"{self.top_mode:04o}",
         }
 
@@ -158,23 +181,24 @@ BaseView = Callable[[str], str]
 
 
 def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
-                   base_view: BaseView | None = None) -> HierarchyPlan:
+                   base_view: BaseView | None = None,
+                   live_workdir: str | None = None) -> HierarchyPlan:
     """The overlay for one hierarchy. base_view maps the target to a path through which the
-    plain (unmerged) directory can be read, for hierarchies that are merged right now."""
+    plain (unmerged) directory can be read, for hierarchies that are merged right now;
+    live_workdir is the work dir the overlay merged there now uses (a refresh gives the new
+    overlay another one)."""
     root = settings.root
     mode = settings.mutable
     name = single_component(hierarchy)
     target = chase(root, hierarchy) or os.path.join(root, hierarchy.lstrip("/"))
     view = base_view(target) if base_view else target
-    names = [i.name for i in accepted]
-    p = HierarchyPlan(hierarchy=hierarchy, target=target, mode=mode, merge=True,
-                      extensions=names)
+    names = tuple(i.name for i in accepted)
 
     base_exists = os.path.lexists(view)
     if base_exists and not os.path.isdir(view):
         raise die(f"hierarchy {target} is not a directory",
                   f"make {hierarchy} a directory inside the root, or leave it out")
-    p.top_mode = stat.S_IMODE(os.stat(view).st_mode) if base_exists else 0o755
+    top_mode = stat.S_IMODE(os.stat(view).st_mode) if base_exists else 0o755
     base_nonempty = base_exists and not is_empty_dir(view)
 
     # Extension layers, topmost (newest) first.
@@ -206,17 +230,24 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             defaults = None
 
     if not ext_layers and mode == "no" and defaults is None:
-        p.merge = False
-        p.skip_reason = "no extension has content for it"
-        return p
+        return HierarchyPlan(hierarchy=hierarchy, target=target, mode=mode, merge=False,
+                             skip_reason="no extension has content for it", extensions=names,
+                             top_mode=top_mode)
 
-    # The persistent mutable dir ("write routing directory").
+    # The persistent mutable dir ("write routing directory"). Modes that do not use it do
+    # not look at it, as upstream: a stray file there does not stop a read-only merge.
     mpath_unresolved = f"{MUTABLE_ROOT}/{name}"
-    mdir = chase(root, mpath_unresolved, must_exist=True)
+    mdir = (chase(root, mpath_unresolved, must_exist=True)
+            if mode in ("yes", "auto", "import", "ephemeral-import") else None)
     if mdir is not None and not os.path.isdir(mdir):
         raise die(f"mutable directory {mdir} is not a directory",
                   f"remove it or make {root.rstrip('/')}{mpath_unresolved} a directory")
     import_dir: str | None = None
+    upper_kind: UpperKind | None = None
+    upperdir: str | None = None
+    workdir: str | None = None
+    mutable_dir: str | None = None
+    create_upper = False
 
     def is_hierarchy(d: str) -> bool:
         return os.path.normpath(d) == os.path.normpath(target) or _same(d, view)
@@ -225,18 +256,18 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
         if mdir is not None:
             is_host = is_hierarchy(mdir)
             have = stat.S_IMODE(os.stat(view if is_host else mdir).st_mode)
-            if have != p.top_mode:
+            if have != top_mode:
                 raise die(f"mutable directory {mdir} has mode {have:04o}, ought to have mode "
-                          f"{p.top_mode:04o} like {hierarchy}",
-                          f"chmod {p.top_mode:04o} {mdir}")
-            p.upper_kind = "host" if is_host else "persistent"
-            p.upperdir = view if is_host else mdir
-            p.mutable_dir = mdir
+                          f"{top_mode:04o} like {hierarchy}",
+                          f"chmod {top_mode:04o} {mdir}")
+            upper_kind = "host" if is_host else "persistent"
+            upperdir = view if is_host else mdir
+            mutable_dir = mdir
         elif mode == "yes":
-            p.upper_kind = "persistent"
-            p.create_upper = True
-            p.upperdir = chase(root, mpath_unresolved)
-            p.mutable_dir = p.upperdir
+            upper_kind = "persistent"
+            create_upper = True
+            upperdir = chase(root, mpath_unresolved)
+            mutable_dir = upperdir
     elif mode in ("import", "ephemeral-import"):
         if mdir is not None:
             if is_hierarchy(mdir):
@@ -244,27 +275,32 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
                           "the hierarchy itself",
                           f"use --mutable=yes or auto to make {hierarchy} its own upper layer")
             import_dir = mdir
-            p.mutable_dir = mdir
+            mutable_dir = mdir
     if mode in ("ephemeral", "ephemeral-import"):
-        p.upper_kind = "ephemeral"
+        upper_kind = "ephemeral"
 
-    if p.upper_kind in ("persistent", "host"):
-        assert p.upperdir is not None
-        probe = _nearest_existing(p.upperdir)
+    if upper_kind in ("persistent", "host"):
+        assert upperdir is not None
+        probe = _nearest_existing(upperdir)
         if os.statvfs(probe).f_flag & os.ST_RDONLY:
-            raise die(f"can't use {p.upperdir} as an upper directory: it is read-only",
+            raise die(f"can't use {upperdir} as an upper directory: it is read-only",
                       f"make {probe} writable or use --mutable=ephemeral")
-        parent = os.path.dirname(p.upperdir.rstrip("/"))
-        if p.upper_kind == "host" and view != target:
+        parent = os.path.dirname(upperdir.rstrip("/"))
+        if upper_kind == "host" and view != target:
             parent = os.path.dirname(view)
-        p.workdir = os.path.join(parent, f".systemd-{name}-workdir")
-        if root != "/" and not p.workdir.startswith("/proc/") and not (
-                os.path.normpath(p.workdir).startswith(os.path.normpath(root) + "/")):
-            raise die(f"work directory {p.workdir} would lie outside the root {root}",
+        work = f".systemd-{name}-workdir"
+        if live_workdir and os.path.basename(live_workdir) == work:
+            # Mounting over the work dir the old overlay still uses would pull its 'work'
+            # directory out from under it: the two alternate.
+            work += ".1"
+        workdir = os.path.join(parent, work)
+        if root != "/" and not workdir.startswith("/proc/") and not (
+                os.path.normpath(workdir).startswith(os.path.normpath(root) + "/")):
+            raise die(f"work directory {workdir} would lie outside the root {root}",
                       f"let {mpath_unresolved} point to a directory inside the root")
-        if not p.create_upper and os.stat(_nearest_existing(parent)).st_dev != os.stat(
-                p.upperdir).st_dev:
-            raise die(f"unable to find a work directory for {p.upperdir}: its parent {parent} is "
+        if not create_upper and os.stat(_nearest_existing(parent)).st_dev != os.stat(
+                upperdir).st_dev:
+            raise die(f"unable to find a work directory for {upperdir}: its parent {parent} is "
                       "on another file system",
                       "point the mutable directory at a subdirectory of a mount, not its root")
 
@@ -272,13 +308,13 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     if import_dir:
         lowers.append(Layer("import", import_dir))
     lowers.extend(ext_layers)
-    if base_nonempty and p.upper_kind != "host":
+    base_used = base_nonempty and upper_kind != "host"
+    if base_used:
         lowers.append(Layer("base", view))
-        p.base_used = True
     if defaults is not None:
         # Lowest of all: host content beats defaults, extensions beat both.
         lowers.append(Layer("defaults", defaults))
-    if p.upper_kind is None and len(lowers) < 2:
+    if upper_kind is None and len(lowers) < 2:
         # The kernel refuses a read-only overlay of one layer; an empty layer keeps the
         # hierarchy read-only as asked instead of failing the whole merge (upstream does).
         lowers.append(Layer("filler", None))
@@ -287,17 +323,24 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
                   f"{MAX_LOWERS}", "merge fewer extensions")
 
     real = [layer.path for layer in lowers if layer.path]
-    fixed = [x for x in (p.upperdir, p.workdir) if x]
+    fixed = [x for x in (upperdir, workdir) if x]
     for a in real:
         for b in fixed:
             if _overlaps(a, b):
                 raise die(f"layer {a} overlaps {b} of {hierarchy}",
                           "keep extensions and mutable directories outside each other")
-    p.lowers = lowers
-    p.fs_options, p.vfs_options = _options(settings, p.upper_kind is not None)
-    return p
+    fs, vfs = _options(settings, upper_kind is not None)
+    return HierarchyPlan(
+        hierarchy=hierarchy, target=target, mode=mode, merge=True, upper_kind=upper_kind,
+        upperdir=upperdir, workdir=workdir, create_upper=create_upper,
+        mutable_dir=mutable_dir, lowers=tuple(lowers), fs_options=tuple(fs),
+        vfs_options=tuple(vfs), extensions=names, top_mode=top_mode, base_used=base_used)
 
 
-def make_plan(settings: Settings, accepted: list[Image],
-              base_view: BaseView | None = None) -> list[HierarchyPlan]:
-    return [plan_hierarchy(settings, h, accepted, base_view) for h in settings.hierarchies]
+def make_plan(settings: Settings, accepted: list[Image], base_view: BaseView | None = None,
+              live_workdirs: dict[str, str] | None = None) -> list[HierarchyPlan]:
+    return [plan_hierarchy(settings, h, accepted, base_view,
+                           (live_workdirs or {}).get(
+                               chase(settings.root, h) or os.path.join(settings.root,
+                                                                       h.lstrip("/"))))
+            for h in settings.hierarchies]

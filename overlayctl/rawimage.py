@@ -6,23 +6,15 @@ appears anywhere, and both the mount and the loop device go away with the last u
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import os
 import struct
 import uuid
-from dataclasses import dataclass
+from contextlib import ExitStack
 
+from overlayctl import devices
 from overlayctl import kernel as k
 from overlayctl.errors import die
-
-LOOP_CTL_GET_FREE = 0x4C82
-LOOP_CONFIGURE = 0x4C0A
-LO_FLAGS_READ_ONLY = 1
-LO_FLAGS_AUTOCLEAR = 4
-LO_NAME_SIZE = 64
-LO_KEY_SIZE = 32
+from overlayctl.record import Record
 
 # Partition type UUIDs (root and /usr) of the Discoverable Partitions Specification.
 DPS_TYPES: dict[str, tuple[str, str]] = {
@@ -38,23 +30,6 @@ DPS_TYPES: dict[str, tuple[str, str]] = {
     "beaec34b-8442-439b-a40b-984381ed097d": ("usr", "riscv64"),
     "c12a7328-f81f-11d2-ba4b-00a0c93ec93b": ("esp", ""),
 }
-
-
-class _LoopInfo64(ctypes.Structure):
-    _fields_ = [
-        ("lo_device", ctypes.c_uint64), ("lo_inode", ctypes.c_uint64),
-        ("lo_rdevice", ctypes.c_uint64), ("lo_offset", ctypes.c_uint64),
-        ("lo_sizelimit", ctypes.c_uint64), ("lo_number", ctypes.c_uint32),
-        ("lo_encrypt_type", ctypes.c_uint32), ("lo_encrypt_key_size", ctypes.c_uint32),
-        ("lo_flags", ctypes.c_uint32), ("lo_file_name", ctypes.c_uint8 * LO_NAME_SIZE),
-        ("lo_crypt_name", ctypes.c_uint8 * LO_NAME_SIZE),
-        ("lo_encrypt_key", ctypes.c_uint8 * LO_KEY_SIZE), ("lo_init", ctypes.c_uint64 * 2),
-    ]
-
-
-class _LoopConfig(ctypes.Structure):
-    _fields_ = [("fd", ctypes.c_uint32), ("block_size", ctypes.c_uint32),
-                ("info", _LoopInfo64), ("reserved", ctypes.c_uint64 * 8)]
 
 
 def _detect_fs(f: int, offset: int) -> str | None:
@@ -90,13 +65,19 @@ def _check_size(f: int, path: str, region: Region, avail: int) -> None:
                   f"{avail} are there", "copy the image again")
 
 
-@dataclass
-class Region:
+class Region(Record):
+    """The part of an image file that holds the file system to mount."""
+
+    __slots__ = ("fstype", "offset", "size", "what", "usr_only")
     fstype: str
     offset: int
     size: int          # 0: to the end of the file
     what: str          # "file system" or "partition N (usr)"
-    usr_only: bool = False   # a /usr partition: its root is the image's /usr
+    usr_only: bool     # a /usr partition: its root is the image's /usr
+
+    def __init__(self, fstype: str, offset: int, size: int, what: str,
+                 usr_only: bool = False) -> None:
+        self._fill(locals())
 
 
 def _gpt_region(f: int, path: str, size: int) -> Region | None:
@@ -164,69 +145,30 @@ def dissect(path: str) -> Region:
         os.close(f)
 
 
-def _attach(path: str, region: Region) -> int:
-    """A read-only, auto-clearing loop device over the region; returns its open fd."""
-    backing = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for _ in range(16):
-                n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-                dev = f"/dev/loop{n}"
-                if not os.path.exists(dev):
-                    os.mknod(dev, 0o660 | 0o060000, os.makedev(7, n))
-                lfd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-                cfg = _LoopConfig()
-                cfg.fd = backing
-                cfg.block_size = 0
-                cfg.info.lo_offset = region.offset
-                cfg.info.lo_sizelimit = region.size
-                cfg.info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR
-                try:
-                    fcntl.ioctl(lfd, LOOP_CONFIGURE, cfg)
-                except OSError as e:
-                    os.close(lfd)
-                    if e.errno == errno.EBUSY:
-                        continue   # somebody took it first
-                    raise
-                return lfd
-            raise OSError(errno.EBUSY, "no free loop device")
-        finally:
-            os.close(ctl)
-    finally:
-        os.close(backing)
-
-
-def mount_image(path: str) -> tuple[int, bool]:
-    """Attach and mount the image read-only; returns a detached mount fd, and whether its
-    root is the image's /usr (a /usr partition). The loop device clears itself once the
-    mount (and every overlay using it) is gone."""
+def mount_image(path: str, stack: ExitStack) -> tuple[int, bool]:
+    """Attach and mount the image read-only; returns a detached mount fd (owned by STACK),
+    and whether its root is the image's /usr (a /usr partition). The loop device clears
+    itself once the mount (and every overlay using it) is gone."""
     region = dissect(path)
-    try:
-        lfd = _attach(path, region)
-    except OSError as e:
-        raise die(f"cannot attach {path} to a loop device: {e.strerror}",
-                  "load the loop module (modprobe loop) and run as root") from None
-    try:
-        dev = f"/proc/self/fd/{lfd}"
+    with ExitStack() as own:
         try:
-            fd = k.fsopen(region.fstype)
+            dev = devices.loop_device(path, region.offset, region.size, own)
+        except OSError as e:
+            raise die(f"cannot attach {path} to a loop device: {e.strerror}",
+                      "load the loop module (modprobe loop) and run as root") from None
+        try:
+            fd = k.owned(own, k.fsopen(region.fstype))
         except OSError as e:
             raise die(f"the kernel cannot mount {region.fstype} ({path}): {e.strerror}",
                       f"modprobe {region.fstype}") from None
         try:
-            k.fsconfig_string(fd, "source", os.readlink(dev))
+            k.fsconfig_string(fd, "source", dev)
             k.fsconfig_flag(fd, "ro")
             if region.fstype == "ext4":
                 k.fsconfig_flag(fd, "noload")
             k.fsconfig_create(fd)
             mfd = k.fsmount(fd, k.MOUNT_ATTR_RDONLY | k.MOUNT_ATTR_NODEV | k.MOUNT_ATTR_NOSUID)
-            return mfd, region.usr_only
         except OSError as e:
             raise die(f"{path}: the {region.fstype} {region.what} cannot be mounted: "
                       f"{e.strerror} (truncated or damaged?)", "rebuild the image") from None
-        finally:
-            os.close(fd)
-    finally:
-        os.close(lfd)
-
+    return k.owned(stack, mfd), region.usr_only

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 
 from overlayctl.errors import die
 from overlayctl.kernel import uname_architecture
 from overlayctl.paths import chase
+from overlayctl.record import Record
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = {"1", "yes", "y", "true", "t", "on"}
@@ -78,14 +78,17 @@ def parse_env_file(path: str) -> dict[str, str]:
         return parse_env_text(f.read())
 
 
-@dataclass(frozen=True)
-class ClassInfo:
+class ClassInfo(Record):
     """What differs between system and configuration extensions."""
 
+    __slots__ = ("name", "release_dir", "level_key", "scope_key")
     name: str                 # "sysext" / "confext"
     release_dir: str          # inside an image
     level_key: str
     scope_key: str
+
+    def __init__(self, name: str, release_dir: str, level_key: str, scope_key: str) -> None:
+        self._fill(locals())
 
 
 def host_os_release(root: str) -> dict[str, str]:
@@ -131,10 +134,15 @@ def _strict_xattr_false(path: str) -> bool:
     return parse_boolean(value.decode("utf-8", "replace")) is False
 
 
-@dataclass
-class ReleaseLookup:
+class ReleaseLookup(Record):
+    """The extension-release file found for an image (path None: none), and its content."""
+
+    __slots__ = ("path", "data")
     path: str | None
-    data: dict[str, str] = field(default_factory=dict)
+    data: dict[str, str]
+
+    def __init__(self, path: str | None, data: dict[str, str] | None = None) -> None:
+        self._fill({"path": path, "data": data or {}})
 
 
 def find_extension_release(image_root: str, image_name: str, cls: ClassInfo,

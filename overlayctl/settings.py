@@ -4,21 +4,29 @@ directories, and the mutable mode (command line > environment > config files).""
 from __future__ import annotations
 
 import os
-import sys
-from dataclasses import dataclass, field
 
+from overlayctl import log
 from overlayctl.errors import die
 from overlayctl.paths import chase
+from overlayctl.record import Record
 from overlayctl.release import ClassInfo, parse_boolean
+from overlayctl.vocab import MUTABLE_MODES
 
-MUTABLE_MODES = ("no", "yes", "auto", "import", "ephemeral", "ephemeral-import")
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from overlayctl.vocab import ClassName, MutableMode
+
+__all__ = ["CLASSES", "MUTABLE_MODES", "ExtClass", "Settings", "load_settings"]
 
 SYSEXT = ClassInfo("sysext", "usr/lib/extension-release.d", "SYSEXT_LEVEL", "SYSEXT_SCOPE")
 CONFEXT = ClassInfo("confext", "etc/extension-release.d", "CONFEXT_LEVEL", "CONFEXT_SCOPE")
 
 
-@dataclass(frozen=True)
-class ExtClass:
+class ExtClass(Record):
+    """Everything that differs between system and configuration extensions."""
+
+    __slots__ = ("info", "hierarchies", "search_dirs", "initrd_search_dirs", "env_prefix",
+                 "section", "meta_dir", "list_file", "noexec_default", "nosuid")
     info: ClassInfo
     hierarchies: tuple[str, ...]
     search_dirs: tuple[str, ...]
@@ -30,9 +38,16 @@ class ExtClass:
     noexec_default: bool
     nosuid: bool
 
+    def __init__(self, info: ClassInfo, hierarchies: tuple[str, ...],
+                 search_dirs: tuple[str, ...], initrd_search_dirs: tuple[str, ...],
+                 env_prefix: str, section: str, meta_dir: str, list_file: str,
+                 noexec_default: bool, nosuid: bool) -> None:
+        self._fill(locals())
+
     @property
-    def name(self) -> str:
-        return self.info.name
+    def name(self) -> ClassName:
+        n: ClassName = "sysext" if self.info.name == "sysext" else "confext"
+        return n
 
 
 CLASSES: dict[str, ExtClass] = {
@@ -53,19 +68,16 @@ CLASSES: dict[str, ExtClass] = {
 CONF_PARENTS = ("/etc", "/run", "/usr/local/lib", "/usr/lib")
 
 
-def parse_mutable(value: str) -> str | None:
+def parse_mutable(value: str) -> MutableMode | None:
     """A mutable mode name, or None when VALUE is not one. Names are case-sensitive;
     boolean spellings are not."""
-    if value in MUTABLE_MODES:
-        return value
+    for m in MUTABLE_MODES:
+        if value == m:
+            return m
     b = parse_boolean(value)
     if b is None:
         return None
     return "yes" if b else "no"
-
-
-def warn(msg: str) -> None:
-    print(f"overlayctl: warning: {msg}", file=sys.stderr)
 
 
 def parse_hierarchies(value: str, env: str) -> tuple[str, ...]:
@@ -109,7 +121,7 @@ def read_ini_items(root: str, base: str, section: str) -> list[tuple[str, str, s
             with open(f, encoding="utf-8", errors="replace") as fh:
                 text = fh.read()
         except OSError as e:
-            warn(f"cannot read {f}: {e.strerror}; ignoring it")
+            log.warning(f"cannot read {f}: {e.strerror}; ignoring it")
             continue
         current = None
         for line in text.splitlines():
@@ -131,84 +143,105 @@ def read_config(root: str, cls: ExtClass) -> dict[str, str]:
     return read_ini(root, f"systemd/{cls.name}.conf", cls.section)
 
 
-@dataclass
-class Settings:
-    """Everything one invocation needs, resolved once."""
+class Settings(Record):
+    """Everything one invocation needs, resolved once. Frozen: variants via replace()."""
 
+    __slots__ = ("root", "cls", "hierarchies", "mutable", "mutable_source",
+                 "overlay_options", "force", "noexec", "always_refresh", "no_reload",
+                 "dry_run", "image_policy", "initrd", "extra", "defaults", "keep_defaults")
     root: str
     cls: ExtClass
     hierarchies: tuple[str, ...]
-    mutable: str = "no"
-    mutable_source: str = "default"
-    overlay_options: str | None = None
-    force: bool = False
-    noexec: bool | None = None
-    always_refresh: bool = False
-    no_reload: bool = False
-    dry_run: bool = False
-    image_policy: str | None = None
-    initrd: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
-    defaults: dict[str, str] = field(default_factory=dict)   # hierarchy -> dir inside root
-    keep_defaults: tuple[str, ...] = ()                       # cleanup: never keep whiteouts
+    mutable: MutableMode
+    mutable_source: str                 # default, --mutable, $VAR, NAME.conf
+    overlay_options: str | None
+    force: bool
+    noexec: bool | None
+    always_refresh: bool
+    no_reload: bool
+    dry_run: bool
+    image_policy: str | None
+    initrd: bool
+    extra: dict[str, str]
+    defaults: dict[str, str]            # hierarchy -> dir inside root
+    keep_defaults: tuple[str, ...]      # cleanup: never keep whiteouts of these
+
+    def __init__(self, *, root: str, cls: ExtClass, hierarchies: tuple[str, ...],
+                 mutable: MutableMode = "no", mutable_source: str = "default",
+                 overlay_options: str | None = None, force: bool = False,
+                 noexec: bool | None = None, always_refresh: bool = False,
+                 no_reload: bool = False, dry_run: bool = False,
+                 image_policy: str | None = None, initrd: bool = False,
+                 extra: dict[str, str] | None = None, defaults: dict[str, str] | None = None,
+                 keep_defaults: tuple[str, ...] = ()) -> None:
+        v = locals()
+        v["extra"] = extra or {}
+        v["defaults"] = defaults or {}
+        self._fill(v)
 
     @property
     def search_dirs(self) -> tuple[str, ...]:
         return self.cls.initrd_search_dirs if self.initrd else self.cls.search_dirs
 
 
-def load_settings(root: str, class_name: str, *, cli_mutable: str | None = None,
+def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None = None,
                   force: bool = False, noexec: bool | None = None, always_refresh: bool = False,
                   no_reload: bool = False, dry_run: bool = False,
                   image_policy: str | None = None,
-                  defaults: dict[str, str] | None = None) -> Settings:
+                  defaults: dict[str, str] | None = None,
+                  hierarchies: tuple[str, ...] | None = None) -> Settings:
+    """Settings of one class: command line > environment > config files. HIERARCHIES
+    narrows the class's hierarchies (a rebuild of one)."""
     cls = CLASSES[class_name]
     env_h = f"{cls.env_prefix}_HIERARCHIES"
     hv = os.environ.get(env_h)
-    hierarchies = parse_hierarchies(hv, env_h) if hv is not None else cls.hierarchies
-    s = Settings(root=root, cls=cls, hierarchies=hierarchies, force=force, noexec=noexec,
-                 always_refresh=always_refresh, no_reload=no_reload or root != "/",
-                 dry_run=dry_run, image_policy=image_policy)
-    s.initrd = os.path.exists(chase(root, "/etc/initrd-release") or "/nonexistent")
+    all_h = parse_hierarchies(hv, env_h) if hv is not None else cls.hierarchies
+    mutable: MutableMode = "no"
+    source = "default"
     env_m = f"{cls.env_prefix}_MUTABLE_MODE"
     ev = os.environ.get(env_m)
     if ev is not None:
         m = parse_mutable(ev)
         if m is None:
-            warn(f"ignoring ${env_m}={ev}: not a mutable mode ({', '.join(MUTABLE_MODES)})")
+            log.warning(f"ignoring ${env_m}={ev}: not a mutable mode ({', '.join(MUTABLE_MODES)})")
         else:
-            s.mutable, s.mutable_source = m, f"${env_m}"
+            mutable, source = m, f"${env_m}"
     if cli_mutable is not None:
-        s.mutable, s.mutable_source = cli_mutable, "--mutable"
-    s.overlay_options = os.environ.get(f"{cls.env_prefix}_OVERLAYFS_MOUNT_OPTIONS")
+        mutable, source = cli_mutable, "--mutable"
     items = read_ini_items(root, f"systemd/{cls.name}.conf", cls.section)
     conf = {k: v for k, v, _ in items}
-    from_config = s.mutable_source == "default"
-    for key, value, path in items:
-        if key != "Mutable" or not from_config:
-            continue
-        m = parse_mutable(value)
-        if m is None:
-            warn(f"ignoring Mutable={value} in {path}: not a mutable mode")
-        else:
-            # The last valid assignment wins, as in systemd's config parser.
-            s.mutable, s.mutable_source = m, f"{cls.name}.conf"
-    if "ImagePolicy" in conf and s.image_policy is None:
-        s.image_policy = conf["ImagePolicy"]
-    s.extra = conf
+    if source == "default":
+        for key, value, path in items:
+            if key != "Mutable":
+                continue
+            m = parse_mutable(value)
+            if m is None:
+                log.warning(f"ignoring Mutable={value} in {path}: not a mutable mode")
+            else:
+                # The last valid assignment wins, as in systemd's config parser.
+                mutable, source = m, f"{cls.name}.conf"
+    if image_policy is None:
+        image_policy = conf.get("ImagePolicy")
     ours = f"overlayctl/{cls.name}.conf"
+    dflt: dict[str, str] = {}
     for h, d in read_ini(root, ours, "Defaults").items():
-        if h in hierarchies:
-            s.defaults[h] = d
+        if h in all_h:
+            dflt[h] = d
         else:
-            warn(f"ignoring [Defaults] {h}= in {ours}: not a hierarchy of {cls.name}")
+            log.warning(f"ignoring [Defaults] {h}= in {ours}: not a hierarchy of {cls.name}")
     for h, d in (defaults or {}).items():
         h = h or ("/etc" if cls.name == "confext" else "")
-        if h in hierarchies:
-            s.defaults[h] = d
+        if h in all_h:
+            dflt[h] = d
     keep = read_ini(root, ours, "Cleanup").get("KeepDefaults", "")
-    s.keep_defaults = tuple(keep.split())
-    return s
+    return Settings(
+        root=root, cls=cls, hierarchies=hierarchies if hierarchies is not None else all_h,
+        mutable=mutable, mutable_source=source,
+        overlay_options=os.environ.get(f"{cls.env_prefix}_OVERLAYFS_MOUNT_OPTIONS"),
+        force=force, noexec=noexec, always_refresh=always_refresh,
+        no_reload=no_reload or root != "/", dry_run=dry_run, image_policy=image_policy,
+        initrd=os.path.exists(chase(root, "/etc/initrd-release") or "/nonexistent"),
+        extra=conf, defaults=dflt, keep_defaults=tuple(keep.split()))
 
 
 def parse_defaults_arg(values: list[str], class_names: list[str]) -> dict[str, str]:

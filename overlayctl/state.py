@@ -1,8 +1,14 @@
-"""overlayctl's own records under <root>/var/lib/overlayctl/<class>/, never in the merged tree:
+"""overlayctl's own records, never in the merged tree's lower layers:
 
-* <name>.json      how the hierarchy was last merged (mode, upper, work dir, defaults, layers),
-                   so that diff, which, reset, pin and cleanup work on an unmerged hierarchy;
-* <name>.manifest  digests of the lower entries, for default_changed (see docs/defaults.md).
+* <root>/var/lib/overlayctl/<class>/<name>.json      MergeRecord: how the hierarchy was last
+  merged (mode, upper, work dir, defaults, layers), so that diff, which, reset, pin, cleanup
+  and a refresh without a mode work on it, merged or not (a copy also sits in the metadata
+  dir as overlayctl.json);
+* <root>/var/lib/overlayctl/<class>/<name>.manifest  Manifest: digests of the lower entries,
+  for default_changed (see docs/defaults.md);
+* <root>/run/overlayctl/<class>.merging, call.<classes>.merging   journals of a merge under
+  way (left behind only by a killed process);
+* <root>/run/overlayctl/detached.json                overlays detached while still in use.
 
 <name> is the hierarchy as one path component (/etc -> etc, /foo/bar -> foo.bar)."""
 
@@ -12,28 +18,37 @@ import json
 import os
 
 from overlayctl.paths import single_component
+from overlayctl.record import Record
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
     from typing import Any
 
+    from overlayctl.vocab import LayerRole, MutableMode, UpperKind
+
 STATE_DIR = "var/lib/overlayctl"
+RUN_DIR = "run/overlayctl"
 
 
 def state_path(root: str, cls_name: str, hierarchy: str, suffix: str = ".json") -> str:
     return os.path.join(root, STATE_DIR, cls_name, single_component(hierarchy) + suffix)
 
 
-def _atomic_write(path: str, data: Any) -> None:
+def atomic_write(path: str, text: str, *, sync: bool = True) -> None:
+    """Write PATH whole or not at all (a temporary file renamed over it)."""
     os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        # json.dumps, not json.dump: only the former uses the C encoder.
-        f.write(json.dumps(data, sort_keys=True, separators=(",", ":")))
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+        f.write(text)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def dump(value: Any) -> str:
+    # json.dumps, not json.dump: only the former uses the C encoder.
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) + "\n"
 
 
 def _read(path: str) -> dict[str, Any] | None:
@@ -45,23 +60,215 @@ def _read(path: str) -> dict[str, Any] | None:
     return v if isinstance(v, dict) else None
 
 
-def save_record(root: str, cls_name: str, hierarchy: str, record: dict[str, Any]) -> None:
-    _atomic_write(state_path(root, cls_name, hierarchy), record)
+# ---------------------------------------------------------------------------------------------
+# The merge record
 
 
-def load_record(root: str, cls_name: str, hierarchy: str) -> dict[str, Any] | None:
-    return _read(state_path(root, cls_name, hierarchy))
+class RecordedLayer(Record):
+    __slots__ = ("role", "name", "path")
+    role: LayerRole
+    name: str | None
+    path: str | None          # as seen inside the root (raw images: the image file)
+
+    def __init__(self, role: LayerRole, name: str | None, path: str | None) -> None:
+        self._fill(locals())
 
 
-def save_manifest(root: str, cls_name: str, hierarchy: str, manifest: dict[str, Any]) -> None:
-    _atomic_write(state_path(root, cls_name, hierarchy, ".manifest"), manifest)
+class MergeRecord(Record):
+    """How a hierarchy was merged, as overlayctl knows it (paths as seen inside the root)."""
+
+    __slots__ = ("cls", "hierarchy", "mode", "upper", "upperdir", "workdir", "layers",
+                 "noexec", "force", "mount_options", "defaults", "since")
+    cls: str
+    hierarchy: str
+    mode: MutableMode
+    upper: UpperKind | None
+    upperdir: str | None
+    workdir: str | None
+    layers: tuple[RecordedLayer, ...]
+    noexec: bool | None
+    force: bool
+    mount_options: str | None
+    defaults: str | None
+    since: int                # when it was merged, µs since the epoch
+
+    def __init__(self, *, cls: str, hierarchy: str, mode: MutableMode, upper: UpperKind | None,
+                 upperdir: str | None, workdir: str | None, layers: tuple[RecordedLayer, ...],
+                 noexec: bool | None, force: bool, mount_options: str | None,
+                 defaults: str | None, since: int) -> None:
+        self._fill(locals())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"class": self.cls, "hierarchy": self.hierarchy, "mode": self.mode,
+                "upper": self.upper, "upperdir": self.upperdir, "workdir": self.workdir,
+                "layers": [la.fields() for la in self.layers], "overlayctl": True,
+                "noexec": self.noexec, "force": self.force,
+                "mount_options": self.mount_options, "defaults": self.defaults,
+                "since": self.since}
+
+    @classmethod
+    def from_json(cls, j: dict[str, Any]) -> MergeRecord | None:
+        """None for what is not a record of ours (or is damaged)."""
+        from overlayctl.vocab import MUTABLE_MODES
+        try:
+            mode = j["mode"]
+            if not j.get("overlayctl") or mode not in MUTABLE_MODES:
+                return None
+            upper = j.get("upper")
+            if upper not in (None, "persistent", "host", "ephemeral"):
+                return None
+            layers = tuple(RecordedLayer(la["role"], la.get("name"), la.get("path"))
+                           for la in j.get("layers", []))
+            return MergeRecord(
+                cls=str(j["class"]), hierarchy=str(j["hierarchy"]), mode=mode, upper=upper,
+                upperdir=j.get("upperdir"), workdir=j.get("workdir"), layers=layers,
+                noexec=j.get("noexec"), force=bool(j.get("force")),
+                mount_options=j.get("mount_options"), defaults=j.get("defaults"),
+                since=int(j.get("since") or 0))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
 
 
-def load_manifest(root: str, cls_name: str, hierarchy: str) -> dict[str, Any]:
+def save_record(root: str, rec: MergeRecord) -> None:
+    atomic_write(state_path(root, rec.cls, rec.hierarchy), dump(rec.to_json()))
+
+
+def load_record(root: str, cls_name: str, hierarchy: str) -> MergeRecord | None:
+    j = _read(state_path(root, cls_name, hierarchy))
+    return MergeRecord.from_json(j) if j is not None else None
+
+
+def record_file_text(root: str, cls_name: str, hierarchy: str) -> str | None:
+    """The record file as it is (for restoring it exactly after a failed merge)."""
+    try:
+        with open(state_path(root, cls_name, hierarchy), encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def restore_record_file(root: str, cls_name: str, hierarchy: str, text: str | None) -> None:
+    path = state_path(root, cls_name, hierarchy)
+    if text is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    else:
+        atomic_write(path, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+
+class Manifest:
+    """rel -> [size, mtime_ns, ino, digest] of the lower layers at the last merge (lower),
+    rel -> digest of the lower entry when the upper's copy was made ("" = there was none)
+    (copies), the pinned paths, and whether a snapshot was ever taken. Edited in place by
+    the local-change verbs, then saved."""
+
+    __slots__ = ("lower", "copies", "pinned", "snapshot_taken")
+
+    def __init__(self, lower: dict[str, list[Any]] | None = None,
+                 copies: dict[str, str] | None = None, pinned: list[str] | None = None,
+                 snapshot_taken: bool = False) -> None:
+        self.lower: dict[str, list[Any]] = lower or {}
+        self.copies: dict[str, str] = copies or {}
+        self.pinned: list[str] = pinned or []
+        self.snapshot_taken = snapshot_taken
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, "lower": self.lower, "copies": self.copies,
+                "pinned": self.pinned, "snapshot_taken": self.snapshot_taken}
+
+    def forget(self, rel: str) -> None:
+        """Drop REL and everything below it."""
+        prefix = rel.rstrip("/") + "/"
+        self.copies = {r: d for r, d in self.copies.items()
+                       if r != rel and not r.startswith(prefix)}
+        self.pinned = [r for r in self.pinned if r != rel and not r.startswith(prefix)]
+
+
+def load_manifest(root: str, cls_name: str, hierarchy: str) -> Manifest:
     m = _read(state_path(root, cls_name, hierarchy, ".manifest"))
     if not m or m.get("version") != 1:
-        return {"version": 1, "lower": {}, "copies": {}, "pinned": []}
-    m.setdefault("lower", {})
-    m.setdefault("copies", {})
-    m.setdefault("pinned", [])
-    return m
+        return Manifest()
+    return Manifest(dict(m.get("lower") or {}), dict(m.get("copies") or {}),
+                    list(m.get("pinned") or []), bool(m.get("snapshot_taken")))
+
+
+def save_manifest(root: str, cls_name: str, hierarchy: str, m: Manifest) -> None:
+    atomic_write(state_path(root, cls_name, hierarchy, ".manifest"), dump(m.to_json()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Journals
+
+
+def journal_path(root: str, name: str) -> str:
+    """Marks a merge under way: left behind only by a process that was killed."""
+    return os.path.join(root, RUN_DIR, f"{name}.merging")
+
+
+def write_journal(path: str) -> None:
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def drop_journal(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlays detached while still in use
+
+
+DETACHED = f"{RUN_DIR}/detached.json"
+
+
+def note_detached(root: str, cls_name: str, hierarchy: str, dev: int) -> None:
+    """Remember an overlay that was detached while processes still used it."""
+    path = os.path.join(root, DETACHED)
+    items = _read_list(path)
+    items.append({"class": cls_name, "hierarchy": hierarchy, "dev": dev,
+                  "since": int(os.stat(os.path.dirname(path)).st_mtime)})
+    atomic_write(path, json.dumps(items), sync=False)
+
+
+def _read_list(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
+def detached_alive(root: str, cls_name: str, hierarchy: str) -> list[dict[str, Any]]:
+    """Detached overlays of HIERARCHY that processes still use (pruned as they go away)."""
+    path = os.path.join(root, DETACHED)
+    items = _read_list(path)
+    if not items:
+        return []
+    from overlayctl import busy
+    alive: list[dict[str, Any]] = []
+    keep: list[dict[str, Any]] = []
+    for it in items:
+        users = busy.users_of_dev(int(it.get("dev", -1)))
+        if not users:
+            continue
+        keep.append(it)
+        if it.get("class") == cls_name and it.get("hierarchy") == hierarchy:
+            alive.append({"dev": f"{os.major(it['dev'])}:{os.minor(it['dev'])}",
+                          "processes": [{"pid": pid, "name": name} for pid, name in users]})
+    if len(keep) != len(items):
+        try:
+            atomic_write(path, json.dumps(keep), sync=False)
+        except OSError:
+            pass
+    return alive

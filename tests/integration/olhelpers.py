@@ -93,6 +93,11 @@ def status_json(root: Root, *args: str, env: dict[str, str] | None = None
     return v
 
 
+def unmerged(row: dict[str, Any]) -> bool:
+    """A status row of a hierarchy that is not merged (v262 spells it "extensions": [])."""
+    return not row["merged"] and row["extensions"] == []
+
+
 def by_hierarchy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["hierarchy"]: r for r in rows}
 

@@ -181,8 +181,8 @@ def run_plan(root: Path, steps: list[list[str]], *, peer: Upstream | None = None
 
 def status_exts(res: dict[str, Any], *, raw: bool = False) -> dict[str, Any] | None:
     """`status --json` reduced to hierarchy -> extensions list (None if status failed). Unless
-    RAW, "not merged" is [] whichever way it is spelt: 262 says [], 257 and overlayctl "none"
-    (see test_status_spells_unmerged_as_none)."""
+    RAW, "not merged" is [] whichever way it is spelt: 262 and overlayctl say [], 257 "none"
+    (see test_status_spells_unmerged_as_262)."""
     if res["rc"] != 0:
         return None
     return {h["hierarchy"]: [] if h["extensions"] == "none" and not raw else h["extensions"]

@@ -15,7 +15,13 @@ import pytest
 
 from overlayctl.kernel import uname_architecture
 from tests.conftest import Root
-from tests.integration.olhelpers import assert_error, by_hierarchy, overlays_at, status_json
+from tests.integration.olhelpers import (
+    assert_error,
+    by_hierarchy,
+    overlays_at,
+    status_json,
+    unmerged,
+)
 
 pytestmark = pytest.mark.root
 
@@ -131,7 +137,7 @@ def test_raw_image_listed_and_an_unreadable_one_fails_merge(root: Root) -> None:
     assert root.names("opt") == {H}
     assert root.mounts() == []
     status = by_hierarchy(status_json(root, "sysext"))
-    assert status["/opt"]["extensions"] == "none"
+    assert unmerged(status["/opt"])
 
 
 def test_only_unreadable_raw_images_merge_nothing(root: Root) -> None:
@@ -157,7 +163,7 @@ def test_vpick_directory(root: Root) -> None:
     assert (img["name"], img["type"]) == ("test-extension", "directory")
     assert img["path"] == str(v / "test-extension_1.0")
     merge_then_unmerge(root)
-    assert by_hierarchy(status_json(root, "sysext"))["/opt"]["extensions"] == "none"
+    assert unmerged(by_hierarchy(status_json(root, "sysext"))["/opt"])
 
 
 def test_vpick_picks_the_newest_version(root: Root) -> None:
@@ -317,7 +323,7 @@ def test_forbidden_os_release_in_sysext_dir_fails_the_merge(root: Root, force: b
     assert root.mounts() == []
     assert root.names("opt") == {H}
     assert not (root / "usr/share/good").exists()
-    assert by_hierarchy(status_json(root, "sysext"))["/opt"]["extensions"] == "none"
+    assert unmerged(by_hierarchy(status_json(root, "sysext"))["/opt"])
     r = root.run("sysext", "unmerge")
     assert r.returncode == 0, r.stderr
     assert root.mounts() == []
@@ -350,7 +356,7 @@ def test_confext_in_run_confexts_is_visible_and_noexec(root: Root) -> None:
     st = by_hierarchy(status_json(root, "confext"))
     assert st["/etc"]["extensions"] == ["test"]
     # Sysext state is separate: /opt does not exist so it has no row; /usr is not merged.
-    assert by_hierarchy(status_json(root, "sysext"))["/usr"]["extensions"] == "none"
+    assert unmerged(by_hierarchy(status_json(root, "sysext"))["/usr"])
     root.run("confext", "unmerge", check=True)
     assert not (root / "etc/testfile").exists()
     assert root.mounts() == []
@@ -382,7 +388,8 @@ def _merged_names(root: Root, *args: str, cls: str = "sysext") -> list[str] | st
     """Merge, report what got merged into the class' first hierarchy, unmerge."""
     r = root.run(cls, "merge", *args, check=True)
     h = "/opt" if cls == "sysext" else "/etc"
-    names = by_hierarchy(status_json(root, cls))[h]["extensions"]
+    row = by_hierarchy(status_json(root, cls))[h]
+    names = row["extensions"] if row["merged"] else "none"
     if names == "none":
         assert root.mounts() == [], r.stderr
     root.run(cls, "unmerge", check=True)
@@ -479,7 +486,7 @@ def test_scope_in_initrd(root: Root, scope: str | None) -> None:
     else:
         assert root.mounts() == [], r.stderr
         rows = status_json(root, "sysext")
-        assert rows and all(row["extensions"] == "none" for row in rows)
+        assert rows and all(unmerged(row) for row in rows)
     assert root.names("opt") == {H}
 
 
@@ -616,12 +623,12 @@ def test_status_json_keys(root: Root) -> None:
     assert [r["hierarchy"] for r in rows] == ["/etc", "/opt", "/usr"]
     for r in rows:
         assert keys <= set(r)
-        assert r["extensions"] == "none"
+        assert unmerged(r)
         assert r["since"] is None
         assert r["writable"] is False
     root.run("sysext", "merge", check=True)
     st = by_hierarchy(status_json(root))
-    assert st["/etc"]["extensions"] == "none"
+    assert unmerged(st["/etc"])
     for h in ("/opt", "/usr"):
         assert st[h]["extensions"] == ["a-ext", "b-ext"]
         assert isinstance(st[h]["since"], int) and st[h]["since"] > 0

@@ -291,14 +291,14 @@ def test_masking_by_empty_directory(root: Path) -> None:
     s = settings(root)
     img = found(root)["foo"]
     assert img.path == str(mask)
-    read_metadata(s, img)
+    img = read_metadata(s, img)
     assert img.release is not None and img.release.path is None
     assert check_compatible(None, {"ID": "x"}, s.cls.info, "system", "foo") is not None
     # without the mask the real one is found and is compatible
     mask.rmdir()
     img = found(root)["foo"]
     assert img.path == str(real)
-    read_metadata(s, img)
+    img = read_metadata(s, img)
     assert img.release is not None and img.release.data == {"ID": "_any"}
 
 
@@ -320,7 +320,7 @@ def test_read_metadata_allows_os_release_in_confext_dir(root: Path) -> None:
     mkfile(root, "var/lib/confexts/c/usr/lib/os-release", "ID=x\n")
     mkfile(root, "var/lib/confexts/c/etc/extension-release.d/extension-release.c", "ID=_any\n")
     img = found(root, "confext")["c"]
-    read_metadata(settings(root, "confext"), img)
+    img = read_metadata(settings(root, "confext"), img)
     assert img.release is not None and img.release.data == {"ID": "_any"}
 
 

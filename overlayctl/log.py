@@ -1,0 +1,74 @@
+"""One logger for every message overlayctl prints on stderr, with systemd's levels.
+
+$SYSTEMD_LOG_LEVEL picks the most verbose level shown (a name, emerg … debug, or 0 … 7;
+"console:LEVEL" pairs as systemd takes them are understood too). The default is info: what
+upstream prints on a terminal. At err, a successful run prints nothing."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
+LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+
+
+def parse_level(value: str) -> int | None:
+    """A level name or number, or None if VALUE is neither."""
+    v = value.strip().lower()
+    if v in LEVELS:
+        return LEVELS.index(v)
+    if v.isdigit() and int(v) < len(LEVELS):
+        return int(v)
+    return None
+
+
+def _level_from_env() -> int:
+    value = os.environ.get("SYSTEMD_LOG_LEVEL")
+    if not value:
+        return INFO
+    level = None
+    for item in value.split(","):
+        target, sep, lvl = item.partition(":")
+        if not sep:
+            level = parse_level(target) if level is None else level
+        elif target.strip() == "console":
+            level = parse_level(lvl)
+    return INFO if level is None else level
+
+
+max_level = _level_from_env()
+
+
+def log(level: int, msg: str) -> None:
+    if level > max_level:
+        return
+    if level <= ERR:
+        msg = f"overlayctl: {msg}"
+    elif level == WARNING:
+        msg = f"overlayctl: warning: {msg}"
+    try:
+        sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def debug(msg: str) -> None:
+    log(DEBUG, msg)
+
+
+def info(msg: str) -> None:
+    log(INFO, msg)
+
+
+def notice(msg: str) -> None:
+    log(NOTICE, msg)
+
+
+def warning(msg: str) -> None:
+    log(WARNING, msg)
+
+
+def error(msg: str) -> None:
+    log(ERR, msg)
