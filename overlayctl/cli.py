@@ -355,6 +355,12 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "LISTEN_FDS" in os.environ or "SYSTEMD_VARLINK_LISTEN" in os.environ:
+        # Socket-activated (systemd, varlinkctl exec:): maybe the io.systemd.sysext service.
+        from overlayctl import varlink
+        rc = varlink.main(sys.argv[1:] if argv is None else argv)
+        if rc is not None:
+            return rc
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except OverlayctlError as e:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from overlayctl import apply, faults
-from overlayctl.errors import die
+from overlayctl.errors import AlreadyMergedError, die
 from overlayctl.images import Image, discover, read_metadata
 from overlayctl.paths import chase
 from overlayctl.plan import HierarchyPlan, make_plan
@@ -94,8 +94,11 @@ def merge(s: Settings, refresh: bool = False, recovering: bool = False) -> list[
             log(f"An earlier merge of {s.cls.name} was interrupted: completing it.")
             refresh = True
         if merged and not refresh:
-            raise die(f"hierarchy '{merged[0]}' is already merged",
-                      f"use 'overlayctl {s.cls.name} refresh' or unmerge first")
+            raise AlreadyMergedError(
+                f"hierarchy '{merged[0]}' is already merged",
+                f"use 'overlayctl {s.cls.name} refresh' or unmerge first",
+                hierarchy=next(h for h in s.hierarchies
+                               if chase(s.root, h, must_exist=True) == merged[0]))
         if not accepted and s.mutable == "no" and not s.defaults:
             if refresh and merged and not s.dry_run:
                 apply.unmerge(s)

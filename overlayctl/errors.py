@@ -18,3 +18,12 @@ class OverlayctlError(Exception):
 def die(message: str, hint: str | None = None) -> OverlayctlError:
     """Build the error to raise: ``raise die("...", hint="...")``."""
     return OverlayctlError(message, hint)
+
+
+class AlreadyMergedError(OverlayctlError):
+    """merge (not refresh) found a hierarchy merged already. HIERARCHY is its configured path
+    (e.g. /usr, not the path below --root), as io.systemd.sysext.AlreadyMerged reports it."""
+
+    def __init__(self, message: str, hint: str | None = None, *, hierarchy: str) -> None:
+        super().__init__(message, hint)
+        self.hierarchy = hierarchy
