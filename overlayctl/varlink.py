@@ -395,7 +395,7 @@ class Service:
             "io.systemd.sysext.Merge": self.merge,
             "io.systemd.sysext.Unmerge": self.unmerge,
             "io.systemd.sysext.Refresh": self.refresh,
-            "io.systemd.sysext.List": self.list,
+            "io.systemd.sysext.List": self.list_images,
         }
 
     def call(self, method: str, call: Call) -> list[dict[str, Any] | None]:
@@ -482,7 +482,7 @@ class Service:
         _unmerge(o, p.get("class", o.cls), no_reload=p.get("noReload", o.no_reload))
         return [None]
 
-    def list(self, call: Call) -> list[dict[str, Any] | None]:
+    def list_images(self, call: Call) -> list[dict[str, Any] | None]:
         cls = call.params.get("class", self.opts.cls)
         records: list[dict[str, Any] | None] = [image_record(cls, t, n, p)
                                                 for t, n, p in _list(self.opts, cls)]
