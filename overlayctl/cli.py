@@ -288,6 +288,12 @@ def _die_of_sigpipe() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "LISTEN_FDS" in os.environ or "SYSTEMD_VARLINK_LISTEN" in os.environ:
+        # Socket-activated (systemd, varlinkctl exec:): maybe the io.systemd.sysext service.
+        from overlayctl import varlink
+        rc = varlink.main(sys.argv[1:] if argv is None else argv, _parser)
+        if rc is not None:
+            return rc
     try:
         rc = run(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()

@@ -179,7 +179,8 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool,
         log.notice(f"An earlier merge of {s.cls.name} was interrupted: completing it.")
         refresh = True
     if merged and not refresh:
-        raise AlreadyMerged(merged[0], s.cls.name)
+        raise AlreadyMerged(merged[0], next(h for h, t in targets if t == merged[0]),
+                            s.cls.name)
     if refresh:
         s = _with_merged_mode(s, merged)
     drop_all = [(h, t) for h, t in targets if t in merged]

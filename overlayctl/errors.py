@@ -21,10 +21,11 @@ def die(message: str, hint: str | None = None) -> OverlayctlError:
 
 
 class AlreadyMerged(OverlayctlError):
-    """merge found a hierarchy merged already (varlink: io.systemd.sysext.AlreadyMerged)."""
+    """merge (not refresh) found a hierarchy merged already. HIERARCHY is its configured
+    path (/usr, not the path below --root), as io.systemd.sysext.AlreadyMerged reports it."""
 
-    def __init__(self, hierarchy: str, class_name: str) -> None:
-        super().__init__(f"hierarchy '{hierarchy}' is already merged",
+    def __init__(self, target: str, hierarchy: str, class_name: str) -> None:
+        super().__init__(f"hierarchy '{target}' is already merged",
                          f"use 'overlayctl {class_name} refresh' or unmerge first")
         self.hierarchy = hierarchy
 

@@ -2,6 +2,7 @@
 # Installs overlayctl's systemd units: install-units.sh [OVERLAYCTL_PATH] [UNIT_DIR]
 # OVERLAYCTL_PATH defaults to the overlayctl on PATH, UNIT_DIR to /etc/systemd/system.
 # Then: systemctl daemon-reload; systemctl enable overlayctl-confext.service overlayctl-sysext.service
+# and, for the io.systemd.sysext varlink service: systemctl enable --now overlayctl-sysext.socket
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${1:-$(command -v overlayctl || true)}
@@ -11,7 +12,8 @@ if [ -z "$bin" ] || [ ! -x "$bin" ]; then
     exit 1
 fi
 mkdir -p "$dir"
-for u in overlayctl-confext.service overlayctl-sysext.service; do
+for u in overlayctl-confext.service overlayctl-sysext.service overlayctl-sysext.socket \
+         overlayctl-sysext@.service; do
     sed "s|@OVERLAYCTL@|$bin|g" "$here/units/$u" > "$dir/$u"
     echo "installed $dir/$u"
 done

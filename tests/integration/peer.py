@@ -159,11 +159,13 @@ def tools(root: Path, peer: Upstream | None) -> dict[str, list[str]]:
 
 
 def run_plan(root: Path, steps: list[list[str]], *, peer: Upstream | None = None,
-             ro: list[str] | None = None, namespace: bool = False) -> dict[str, Any]:
+             ro: list[str] | None = None, namespace: bool = False,
+             extra_tools: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Run STEPS (see peer_probe.py) against ROOT; NAMESPACE: inside a fresh peer-ns namespace
-    (required whenever a step runs upstream)."""
-    plan = {"root": str(root), "ro": ro or [], "tools": tools(root, peer), "steps": steps,
-            "env": {"PYTHONPATH": str(REPO)}}
+    (required whenever a step runs upstream). EXTRA_TOOLS: more tool names for "run" steps."""
+    plan = {"root": str(root), "ro": ro or [],
+            "tools": {**tools(root, peer), **(extra_tools or {})},
+            "steps": steps, "env": {"PYTHONPATH": str(REPO)}}
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=root.parent, delete=False) as f:
         json.dump(plan, f)
     try:

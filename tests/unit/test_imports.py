@@ -17,7 +17,7 @@ PKG = REPO / "overlayctl"
 # rank here and a row in docs/design.md's module map.
 RANKS: dict[str, int] = {
     "__main__": 100,
-    "cli": 90, "varlink": 90,                # front ends
+    "cli": 90, "varlink": 85,                # front ends (cli hands over to varlink)
     "localcli": 80,
     "local": 70,                             # local-change verbs call the engine to rebuild
     "engine": 60,                            # order of operations of merge/refresh/unmerge
