@@ -10,10 +10,19 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def absent(what: str, require_env: str, hint: str) -> NoReturn:
+    """Skip the running test because WHAT is not on this machine, or fail it when
+    $REQUIRE_ENV is 1 (CI sets it: there a skipped test would check nothing)."""
+    if os.environ.get(require_env) == "1":
+        pytest.fail(f"{what}, and {require_env}=1 requires it ({hint})", pytrace=False)
+    pytest.skip(f"{what} ({hint})")
 
 
 def _private_namespace() -> bool:
