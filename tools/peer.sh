@@ -33,6 +33,7 @@ SUITES=("$@")
 [ ${#SUITES[@]} -gt 0 ] || SUITES=(sid)
 say() { echo "peer: $*" >&2; }
 die() { echo "peer: $1${2:+ (hint: $2)}" >&2; exit 1; }
+case $DIR in sid | trixie) die "'$DIR' is taken as DIR" "tools/peer.sh DIR $DIR" ;; esac
 for s in "${SUITES[@]}"; do
     case $s in sid | trixie) ;; *) die "unknown suite '$s'" "use sid and/or trixie" ;; esac
 done
@@ -110,8 +111,8 @@ wrappers() {  # wrappers SUITE
         [ -e "$bin" ] || die "$bin is missing" "remove $root and run $0 again"
         put "$DIR/bin/$tool-$suite" <<EOF
 #!/bin/sh
-# $tool of Debian $suite ($ver), written by overlayctl's tools/peer.sh: the tree's own loader
-# and libraries (its glibc is newer than the host's).
+# $tool of Debian $suite, $ver, written by overlayctl's tools/peer.sh: run with the
+# tree's own loader and libraries (its glibc is newer than the host's).
 exec "$ld" --library-path "$lib/systemd:$lib" "$bin" "\$@"
 EOF
     done
