@@ -5,15 +5,28 @@ temporary --root directory. Every mount a test leaves below its root fails the t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.integration.debtree import DebTree
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def absent(what: str, require_env: str, hint: str) -> NoReturn:
+    """Skip the running test because WHAT is not on this machine, or fail it when
+    $REQUIRE_ENV is 1 (CI sets it: there a skipped test would check nothing)."""
+    if os.environ.get(require_env) == "1":
+        pytest.fail(f"{what}, and {require_env}=1 requires it ({hint})", pytrace=False)
+    pytest.skip(f"{what} ({hint})")
 
 
 def _private_namespace() -> bool:
@@ -143,4 +156,18 @@ def root(tmp_path: Path) -> Iterator[Root]:
     yield r
     leaked = r.mounts()
     umount_all_below(str(r.path))
+    assert not leaked, f"mounts left behind: {leaked}"
+
+
+@pytest.fixture
+def debian_tree(tmp_path: Path) -> Iterator[DebTree]:
+    """A fresh copy of the cached Debian trixie tree (tests/integration/debtree.py), removed
+    afterwards; as with `root`, a mount left below it fails the test."""
+    from tests.integration.debtree import copy_tree  # only the dpkg tests need it
+
+    t = copy_tree(tmp_path / "debian")
+    yield t
+    leaked = t.mounts()
+    umount_all_below(str(t.path))
+    shutil.rmtree(t.path)
     assert not leaked, f"mounts left behind: {leaked}"

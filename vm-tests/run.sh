@@ -21,13 +21,15 @@
 # trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports).
 #
 # Prints every boot's console (lines "guest| ..."), its duration, and "N passed, N failed".
-# Exit status 0 only when everything passed. The first run needs the Debian archive
-# (deb.debian.org or $MIRROR); without it, it fails loudly. See vm-tests/README.md.
+# Exit status 0 only when everything passed. The first run needs Debian's package mirror ($MIRROR,
+# by default the one the host's apt configuration names); without it, it fails loudly. See
+# vm-tests/README.md.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 CACHE=${OVERLAYCTL_VM_CACHE:-/var/cache/overlayctl-vm}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+. "$REPO/tools/mirror.sh"
+MIRROR=${MIRROR:-$(debian_mirror 2>/dev/null || true)}   # needed only while the cache is incomplete
 export MIRROR
 KERNELS=${OVERLAYCTL_VM_KERNELS:-trixie trixie-backports}
 PASS=0
@@ -59,11 +61,17 @@ done
 [ -e "$CACHE/rootfs/.complete" ] || complete=0
 command -v qemu-system-x86_64 >/dev/null || complete=0
 if [ $complete = 0 ]; then
-    host=$(echo "$MIRROR" | sed -E 's|^[a-z]+://([^/:]+).*|\1|')
-    port=80; case $MIRROR in https:*) port=443 ;; esac
+    if [ -z "$MIRROR" ]; then
+        debian_mirror >/dev/null
+        echo "vm-tests: FAILED: the VM cache in $CACHE is not complete and no package mirror is known." >&2
+        echo "0 passed, 1 failed"
+        exit 3
+    fi
+    host=$(mirror_host "$MIRROR")
+    port=$(mirror_port "$MIRROR")
     if ! timeout 15 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null; then
         echo "vm-tests: FAILED: the VM cache in $CACHE is not complete and $host:$port" \
-             "(the Debian archive, \$MIRROR) cannot be reached." >&2
+             "(Debian's package mirror, \$MIRROR=$MIRROR) cannot be reached." >&2
         echo "vm-tests: the first run downloads qemu-system-x86, debootstrap, a kernel package" \
              "and a trixie root (about 3 minutes with network). Run it once where the network works," \
              "or point OVERLAYCTL_VM_CACHE at a complete cache." >&2

@@ -41,15 +41,19 @@
 #              124: time-out, 125: no exit marker seen on the console).
 # Idempotent: downloads/debootstrap/image builds are skipped when their outputs exist (the
 # rootfs is rebuilt when SUITE/EXTRA_PKGS change, the image when the rootfs or this script
-# is newer). Needs root and, on the first run only, the Debian archive (apt-get install,
+# is newer). Needs root and, on the first run only, Debian's package mirror (apt-get install,
 # apt-get update, apt-get download, debootstrap): ~65 s from nothing, ~6 s per boot after.
+# MIRROR defaults to the mirror of the host's apt configuration (tools/mirror.sh); it is only
+# needed while something is still to be downloaded.
 set -euo pipefail
 
 DIR=${1:?usage: vm-boot.sh DIR [PAYLOAD_DIR]}
 PAYLOAD_SRC=${2:-}
 SUITE=${SUITE:-trixie}
 KERNEL_SUITE=${KERNEL_SUITE:-$SUITE}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+. "$(dirname "$(realpath "$0")")/../tools/mirror.sh"
+MIRROR=${MIRROR:-$(debian_mirror 2>/dev/null || true)}
+need_mirror() { [ -n "$MIRROR" ] || { debian_mirror >/dev/null; exit 1; }; }
 ENGINE=${ENGINE:-qemu}
 ACCEL=${ACCEL:-tcg}
 INIT=${INIT:-vm-init}
@@ -88,12 +92,12 @@ T_TOOLS=$(el "$t")
 # ---------------------------------------------------------------- 2. private apt config for SUITE
 APTD=$DIR/apt
 mkdir -p "$APTD/lists/partial" "$APTD/cache/archives/partial"
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE main" >"$APTD/sources.list"
+[ -z "$MIRROR" ] || echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE main" >"$APTD/sources.list"
 APT=(-o Dir::Etc::SourceList="$APTD/sources.list" -o Dir::Etc::SourceParts=/dev/null
      -o Dir::State::Lists="$APTD/lists" -o Dir::Cache="$APTD/cache" -o Dir::State::status=/dev/null
      -o APT::Sandbox::User=root)
 t=$(now)
-if ! ls "$APTD"/lists/*_Packages* >/dev/null 2>&1; then apt-get "${APT[@]}" update -qq; fi
+if ! ls "$APTD"/lists/*_Packages* >/dev/null 2>&1; then need_mirror; apt-get "${APT[@]}" update -qq; fi
 T_APT=$(el "$t")
 
 # ---------------------------------------------------------------- 3. kernel (cloud flavour) and, for uml, the UML kernel
@@ -107,6 +111,7 @@ if [ "$KERNEL_SUITE" != "$SUITE" ]; then
         # the kernel suite's own private apt state (lists only; packages land in $APTD/cache)
         APTK=$DIR/apt-$KERNEL_SUITE
         mkdir -p "$APTK/lists/partial"
+        need_mirror
         echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $KERNEL_SUITE main" >"$APTK/sources.list"
         APT=(-o Dir::Etc::SourceList="$APTK/sources.list" -o Dir::Etc::SourceParts=/dev/null
              -o Dir::State::Lists="$APTK/lists" -o Dir::Cache="$APTD/cache" -o Dir::State::status=/dev/null
@@ -146,6 +151,7 @@ T_KERNEL=$(el "$t")
 # ---------------------------------------------------------------- 4. root file system tree
 t=$(now)
 if [ "$(cat "$DIR/rootfs/.complete" 2>/dev/null)" != "$SUITE $PKGS" ]; then
+    need_mirror
     rm -rf "$DIR/rootfs"
     log "debootstrap $SUITE ($PKGS)"
     debootstrap --variant=minbase --include="$PKGS" "$SUITE" "$DIR/rootfs" "$MIRROR" >"$DIR/debootstrap.log" 2>&1 \

@@ -3,8 +3,13 @@
 Shared by test_peer.py and peer_report.py (which writes docs/upstream-comparison.md). A scenario
 builds a tree on a Root; run_plan() runs a list of steps against it through peer_probe.py, either
 directly (overlayctl, in the caller's mount namespace, so the root fixture still sees any mount
-that leaks) or inside a fresh private namespace prepared like /work/peer/bin/peer-ns (upstream:
-/run a fresh tmpfs, the root a shared bind mount), and returns what the probe observed.
+that leaks) or inside a fresh private namespace prepared like tools/peer.sh's bin/peer-ns
+(upstream: /run a fresh tmpfs, the root a shared bind mount), and returns what the probe observed.
+
+The peer is what tools/peer.sh builds, found in $OVERLAYCTL_PEER_DIR, else in its default
+/var/cache/overlayctl/peer, else in /work/peer (developers' machines); $SYSTEMD_SYSEXT (and
+$SYSTEMD_CONFEXT) name another build. need_peer() skips a test without one, or fails it when
+$OVERLAYCTL_REQUIRE_PEER=1 (as .ci/run sets it).
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO, Root
+from tests.conftest import REPO, Root, absent
 
 PROBE = Path(__file__).with_name("peer_probe.py")
-PEER_BIN = Path("/work/peer/bin")
+PEER_DIRS = (Path("/var/cache/overlayctl/peer"), Path("/work/peer"))
+REQUIRE_PEER = "OVERLAYCTL_REQUIRE_PEER"
 
 # What peer-ns does, for one command: the namespace (and every mount made in it) dies with it.
 NS_SCRIPT = ('R=$1; shift; mount -t tmpfs -o mode=755 tmpfs /run && mount --bind "$R" "$R" && '
@@ -49,24 +55,48 @@ def _confext_for(sysext: str) -> str | None:
     return str(guess) if guess != p and guess.exists() else None
 
 
+def peer_dir() -> Path:
+    """Where tools/peer.sh put the peer: $OVERLAYCTL_PEER_DIR, else the first of PEER_DIRS that
+    has a bin/ (the first when none has)."""
+    env = os.environ.get("OVERLAYCTL_PEER_DIR")
+    if env:
+        return Path(env)
+    return next((d for d in PEER_DIRS if (d / "bin").is_dir()), PEER_DIRS[0])
+
+
+def _built(suite: str) -> Path | None:
+    d = peer_dir()
+    sx = d / "bin" / f"systemd-sysext-{suite}"
+    return sx if os.access(sx, os.X_OK) and (d / suite / ".peer-complete").exists() else None
+
+
 def upstream_peer() -> Upstream | None:
     """The upstream tool the tests compare against: $SYSTEMD_SYSEXT, else the sid (262) peer."""
     env = os.environ.get("SYSTEMD_SYSEXT")
     if env:
         return Upstream("env", env, _confext_for(env))
-    sid = PEER_BIN / "systemd-sysext-sid"
-    if os.access(sid, os.X_OK):
-        return Upstream("262", str(sid), _confext_for(str(sid)))
-    return None
+    sid = _built("sid")
+    return Upstream("262", str(sid), _confext_for(str(sid))) if sid else None
+
+
+def need_peer(peer: Upstream | None, cls: str = "sysext") -> Upstream:
+    """PEER, able to run CLS; else skip the test, or fail it under $OVERLAYCTL_REQUIRE_PEER=1."""
+    if peer is None:
+        absent("no upstream systemd-sysext", REQUIRE_PEER,
+               f"run tools/peer.sh to build it in {peer_dir()}, or set SYSTEMD_SYSEXT")
+    if cls == "confext" and peer.confext is None:
+        absent(f"no upstream systemd-confext beside {peer.sysext}", REQUIRE_PEER,
+               "set SYSTEMD_CONFEXT")
+    return peer
 
 
 def all_peers() -> list[Upstream]:
-    """Every available upstream build (for the report): 262 (sid), and 257 (trixie) if built."""
+    """Every available upstream build (for the report): 262 (sid), and 257 (trixie) if built
+    (tools/peer.sh DIR sid trixie)."""
     out = []
     for suite, ver in (("sid", "262"), ("trixie", "257")):
-        sx = PEER_BIN / f"systemd-sysext-{suite}"
-        if os.access(sx, os.X_OK) and (suite == "sid" or
-                                       Path("/work/peer/trixie/.peer-complete").exists()):
+        sx = _built(suite)
+        if sx:
             out.append(Upstream(ver, str(sx), _confext_for(str(sx))))
     return out
 

@@ -6,8 +6,8 @@ Each scenario builds the same tree twice. Upstream runs the whole scenario (merg
 status, unmerge, look) inside its own private namespace prepared like peer-ns; overlayctl runs it
 in the test's namespace. What a user sees is then compared: the visible files and their contents,
 writability, where a new file lands, what remains after unmerge, and `status --json`'s extension
-lists. Skipped unless an upstream binary is available ($SYSTEMD_SYSEXT, or the sid peer below
-/work/peer/bin).
+lists. Needs an upstream binary: the sid peer that tools/peer.sh builds, or $SYSTEMD_SYSEXT (see
+peer.py); without one every test here is skipped, or fails under OVERLAYCTL_REQUIRE_PEER=1.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from tests.integration.peer import (
     H,
     N,
     Scenario,
-    Upstream,
     build,
     diff,
+    need_peer,
     observe,
     run_plan,
     run_scenario,
@@ -37,9 +37,7 @@ from tests.integration.peer import (
 
 PEER = upstream_peer()
 
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(PEER is None, reason="no upstream systemd-sysext (set "
-                                 "SYSTEMD_SYSEXT or build /work/peer/bin/systemd-sysext-sid)")]
+pytestmark = pytest.mark.root
 
 S = Scenario
 MODES = ("auto", "yes", "import", "ephemeral", "ephemeral-import")
@@ -124,16 +122,14 @@ def _params(scenarios: list[Scenario]) -> list[Any]:
         marks = []
         if sc.id in BUGS:
             marks.append(pytest.mark.xfail(strict=True, reason=f"BUG: {BUGS[sc.id]}"))
-        if sc.cls == "confext" and PEER is not None and PEER.confext is None:
-            marks.append(pytest.mark.skip(reason="no upstream systemd-confext"))
         out.append(pytest.param(sc, id=sc.id, marks=marks))
     return out
 
 
 def _both(root: Root, tmp_path: Path, sc: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
-    assert PEER is not None
+    peer = need_peer(PEER, sc.cls)
     peer_root = Root(tmp_path / "upstream")
-    up = run_scenario(peer_root, sc, PEER)
+    up = run_scenario(peer_root, sc, peer)
     assert not mounts_below(str(peer_root.path))
     oc = run_scenario(root, sc, None)
     return up, oc
@@ -224,7 +220,7 @@ def test_status_spells_unmerged_as_262(root: Root, tmp_path: Path) -> None:
     does (v257 said "none"); overlayctl's own "merged" key tells the two states apart."""
     up, oc = _both(root, tmp_path, S("opt-default"))
     assert oc["status_after_raw"] == {"/opt": [], "/usr": []}
-    if PEER is not None and PEER.name == "262":
+    if need_peer(PEER).name == "262":
         assert up["status_after_raw"] == oc["status_after_raw"]
 
 
@@ -241,7 +237,7 @@ def _cross(root: Root, tmp_path: Path, sc: Scenario, merger: str, unmerger: str)
     """MERGER merges, a file is written, both tools show status, UNMERGER unmerges, both show
     status again; all in one upstream namespace. What a user sees is compared with MERGER's own
     merge and unmerge of a twin tree."""
-    assert PEER is not None
+    peer = need_peer(PEER, sc.cls)
     build(root, sc)
     m, u = f"{merger}:{sc.cls}", f"{unmerger}:{sc.cls}"
     mode = [f"--mutable={sc.mode}"] if sc.mode else []
@@ -251,10 +247,10 @@ def _cross(root: Root, tmp_path: Path, sc: Scenario, merger: str, unmerger: str)
     steps = [["run", m, "merge", "--no-reload", *mode], ["snap"], *changes, ["snap"], *status,
              ["run", u, "unmerge", "--no-reload"], ["snap"], *status]
     ro = [sc.hier] if sc.ro else []
-    res = run_plan(root.path, steps, peer=PEER, ro=ro, namespace=True)
+    res = run_plan(root.path, steps, peer=peer, ro=ro, namespace=True)
     twin = Root(tmp_path / "twin")
     build(twin, sc)
-    ref = observe(run_plan(twin.path, scenario_steps(sc, merger), peer=PEER, ro=ro,
+    ref = observe(run_plan(twin.path, scenario_steps(sc, merger), peer=peer, ro=ro,
                            namespace=True))
     assert not mounts_below(str(root.path)) and not mounts_below(str(twin.path))
 
@@ -350,12 +346,12 @@ def test_refresh_same_as_upstream(root: Root, tmp_path: Path, sc: Scenario, how:
     the plain name while the new one is swapped in beneath it, design.md "Refresh without a
     gap"); the name is normalised here and checked on its own."""
     add = how == "added"
-    assert PEER is not None
+    peer = need_peer(PEER, sc.cls)
     peer_root = Root(tmp_path / "upstream")
     obs = []
     for r, tool in ((peer_root, "up"), (root, "oc")):
         build(r, sc)
-        res = run_plan(r.path, refresh_steps(sc, tool, how), peer=PEER,
+        res = run_plan(r.path, refresh_steps(sc, tool, how), peer=peer,
                        ro=[sc.hier] if sc.ro else [], namespace=tool == "up")
         s = res["steps"][:2] + res["steps"][4:] if add else res["steps"]
         obs.append({"merge_ok": s[0]["rc"] == 0, "write": s[1], "refresh_ok": s[2]["rc"] == 0,
@@ -378,9 +374,9 @@ def test_refresh_same_as_upstream(root: Root, tmp_path: Path, sc: Scenario, how:
 
 def test_peer_is_usable(tmp_path: Path) -> None:
     """The upstream wrapper runs and the namespace setup lets its merge be seen."""
-    assert isinstance(PEER, Upstream)
+    peer = need_peer(PEER)
     r = Root(tmp_path / "r")
-    up = run_scenario(r, S("opt-default"), PEER)
+    up = run_scenario(r, S("opt-default"), peer)
     assert up["merge_ok"], up["stderr"]
     assert up["merged"]["files"].get(f"opt/{E}") == "E"
     assert up["write"][0] != "ok" and N not in str(up["after"]["files"])
