@@ -1,8 +1,10 @@
 """Named checkpoints on the paths that change the system, for fault-injection tests.
 
 OVERLAYCTL_FAULT=NAME kills the process with SIGKILL when it reaches checkpoint NAME (or
-NAME@HIERARCHY for a checkpoint reached once per hierarchy); OVERLAYCTL_FAULT_TRACE=FILE
-appends the name of every checkpoint reached to FILE. Both are for tests only."""
+NAME@HIERARCHY for a checkpoint reached once per hierarchy); OVERLAYCTL_FAULT_ERROR=NAME
+makes the step fail there with an I/O error instead (what a failing system call does);
+OVERLAYCTL_FAULT_TRACE=FILE appends the name of every checkpoint reached to FILE. For tests
+only."""
 
 from __future__ import annotations
 
@@ -19,3 +21,7 @@ def checkpoint(name: str, hierarchy: str | None = None) -> None:
     want = os.environ.get("OVERLAYCTL_FAULT")
     if want and want in (name, full):
         os.kill(os.getpid(), signal.SIGKILL)
+    fail = os.environ.get("OVERLAYCTL_FAULT_ERROR")
+    if fail and fail in (name, full):
+        import errno
+        raise OSError(errno.EIO, f"injected failure at {full}")

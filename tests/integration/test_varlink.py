@@ -25,18 +25,20 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Root
-from tests.integration.peer import PEER_BIN, run_plan, upstream_peer
+from tests.conftest import REPO, Root, absent
+from tests.integration.peer import REQUIRE_PEER, need_peer, peer_dir, run_plan, upstream_peer
 
 PEER = upstream_peer()
-VARLINKCTL = PEER_BIN / "varlinkctl-sid"
-MISSING = PEER is None or not os.access(VARLINKCTL, os.X_OK)
-if MISSING and os.environ.get("OVERLAYCTL_REQUIRE_PEER") == "1":
-    raise RuntimeError(f"OVERLAYCTL_REQUIRE_PEER=1, but no upstream peer or no {VARLINKCTL}")
+VARLINKCTL = peer_dir() / "bin" / "varlinkctl-sid"
 
-pytestmark = [pytest.mark.root,
-              pytest.mark.skipif(MISSING, reason=f"no upstream systemd-sysext or no {VARLINKCTL}"
-                                 " (build them with shared/peer/peer-sysext.sh DIR sid)")]
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(autouse=True)
+def _need_varlinkctl() -> None:
+    need_peer(PEER)
+    if not os.access(VARLINKCTL, os.X_OK):
+        absent(f"no {VARLINKCTL}", REQUIRE_PEER, "run tools/peer.sh")
 
 TIMESTAMPS = ("CreationTimestamp", "ModificationTimestamp")
 
