@@ -495,15 +495,11 @@ def test_live_sidecar_policy(tmp_path: Path, keys: dict[str, vb.Key]) -> None:
     (root / "usr/lib/os-release").write_text("ID=oracle\n")
     ext = root / "var/lib/extensions"
     ext.mkdir(parents=True)
-    kinds = {"unprotected": None, "verity": None, "signed": keys["a"]}
-    for kind, k in kinds.items():
-        d = tmp_path / kind
-        s = vb.sidecar_image(d, "e", k)
+    for kind, k in (("unprotected", None), ("verity", None), ("signed", keys["a"])):
+        s = vb.sidecar_image(tmp_path / kind, "e", k)
         if kind == "unprotected":
-            (d / "e.roothash").unlink()
+            (tmp_path / kind / "e.roothash").unlink()
             s.verity.unlink()
-        kinds[kind] = None
-        (tmp_path / f"{kind}.dir").symlink_to(d)
     for kind in ("unprotected", "verity", "signed"):
         for pol in ("root=verity", "root=signed", "root=unprotected", "root=verity+unprotected",
                     "root=signed+read-only-on", "root=absent", "usr=verity", "*", "-",
