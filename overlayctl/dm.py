@@ -363,6 +363,16 @@ class DmDevice:
             os.unlink(tmp)
 
 
+def lookup(name: str) -> DmDevice | None:
+    """The live device NAME, or None when there is none."""
+    try:
+        return DmDevice(name, status(name).dev)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return None
+        raise
+
+
 @contextlib.contextmanager
 def device(name: str, targets: Sequence[tuple[int, int, str, str]], *, uuid: str = "",
            signature: bytes | None = None, key_desc: str | None = None,

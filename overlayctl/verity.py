@@ -194,12 +194,22 @@ class VeritySettings:
     def root_hash_hex(self) -> str | None:
         return None if self.root_hash is None else self.root_hash.hex()
 
+    def protection(self) -> str:
+        """What a plain file-system image offers the policy (dissect_image()'s found_flags
+        for its single partition, 'root'): "signed" or "verity" when the sidecars cover it,
+        else "unprotected" (a root hash without a .verity file, or a usrhash, give no
+        verity: the image is then mounted without it, as upstream does)."""
+        if self.covers("root"):
+            return "signed" if self.root_hash_sig is not None else "verity"
+        return "unprotected"
+
 
 def _read_hash_sidecar(image: str, xattr: str, suffix: str) -> tuple[str, str] | None:
     try:
         value = os.getxattr(image, xattr)
-        return _first_line(value) if b"\0" in value else value.decode(
-            "utf-8", errors="surrogateescape"), f"xattr {xattr} of {image}"
+        # getxattr_malloc(), then unhexmem() up to the first NUL (whitespace is ignored).
+        return value.split(b"\0")[0].decode("utf-8", errors="surrogateescape"), \
+            f"xattr {xattr} of {image}"
     except OSError as e:
         if e.errno not in (errno.ENODATA, errno.ENOENT, errno.ENOTSUP, errno.EOPNOTSUPP,
                            errno.ENOSYS):
@@ -866,6 +876,21 @@ def verity_table_line(p: VerityParams, data_dev: str, hash_dev: str, root_hash: 
     start, length, target, params = verity_table(p, data_dev, hash_dev, root_hash,
                                                  sig_key_desc=sig_key_desc, options=options)
     return f"{start} {length} {target} {params}"
+
+
+def reusable(table_params: str, root_hash: bytes, signed: bool) -> bool:
+    """Whether a live verity device with these table parameters (dm.table_status(...,
+    table=True)) may be shared: the same root hash, and signed the same way (a device set up
+    without the kernel checking a signature is not reused for a signed activation, nor the
+    other way round; verity_can_reuse())."""
+    words = table_params.split()
+    if len(words) < 10 or words[8].lower() != root_hash.hex():
+        return False
+    try:
+        n = int(words[10]) if len(words) > 10 else 0
+    except ValueError:
+        return False
+    return ("root_hash_sig_key_desc" in words[11:11 + n]) == signed
 
 
 def device_name(root_hash: bytes) -> str:

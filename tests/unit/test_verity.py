@@ -520,3 +520,31 @@ def test_live_sidecar_policy(tmp_path: Path, keys: dict[str, vb.Key]) -> None:
             except policy.PolicyRefused:
                 mine = True
             assert mine == refused, (kind, pol, p.stderr)
+
+
+def test_protection_offered_to_the_policy(tmp_path: Path, keys: dict[str, vb.Key]) -> None:
+    s = vb.sidecar_image(tmp_path / "s", "s", keys["a"])
+    assert verity.load_sidecars(str(s.image), NOENV).protection() == "signed"
+    (tmp_path / "s/s.roothash.p7s").unlink()
+    assert verity.load_sidecars(str(s.image), NOENV).protection() == "verity"
+    s.verity.unlink()        # a root hash without a hash tree: no verity (as upstream)
+    assert verity.load_sidecars(str(s.image), NOENV).protection() == "unprotected"
+    u = vb.sidecar_image(tmp_path / "u", "u", designator="usr")
+    assert verity.load_sidecars(str(u.image), NOENV).protection() == "unprotected"
+
+
+def test_reusable_table() -> None:
+    rh = bytes(range(32))
+    base = f"1 7:0 7:1 4096 4096 10 1 sha256 {rh.hex()} ab"
+    assert verity.reusable(base, rh, signed=False)
+    assert not verity.reusable(base, rh, signed=True)
+    signed = base + " 2 root_hash_sig_key_desc cryptsetup:u-n"
+    assert verity.reusable(signed, rh, signed=True)
+    assert not verity.reusable(signed, rh, signed=False)
+    assert not verity.reusable(base.replace(rh.hex(), "00" * 32), rh, signed=False)
+    assert not verity.reusable("1 7:0", rh, signed=False)
+    # What verity_table_line() builds is reusable by itself.
+    p = verity.VerityParams(1, 1, "00000000-0000-0000-0000-000000000001", "sha256", 4096,
+                            4096, 10, b"\xab")
+    params = verity.verity_table(p, "7:0", "7:1", rh, sig_key_desc="k")[3]
+    assert verity.reusable(params, rh, signed=True)
