@@ -17,7 +17,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 import stat
 import struct
 from dataclasses import dataclass
@@ -310,18 +309,18 @@ def _syscall(nr: int, *args: object) -> int:
 def add_user_key(description: str, payload: bytes,
                  keyring: int = KEY_SPEC_THREAD_KEYRING) -> int:
     """add_key("user", DESCRIPTION, PAYLOAD, KEYRING): the key's serial number."""
-    nrs = _KEY_SYSCALLS.get(platform.machine())
+    nrs = _KEY_SYSCALLS.get(os.uname().machine)
     if nrs is None:
-        raise OSError(errno.ENOSYS, f"add_key: unknown syscall number on {platform.machine()}")
+        raise OSError(errno.ENOSYS, f"add_key: unknown syscall number on {os.uname().machine}")
     buf = ctypes.create_string_buffer(payload, len(payload))
     return _syscall(nrs[0], ctypes.c_char_p(b"user"), ctypes.c_char_p(description.encode()),
                     buf, ctypes.c_size_t(len(payload)), ctypes.c_int(keyring))
 
 
 def _keyctl(*args: object) -> int:
-    nrs = _KEY_SYSCALLS.get(platform.machine())
+    nrs = _KEY_SYSCALLS.get(os.uname().machine)
     if nrs is None:
-        raise OSError(errno.ENOSYS, f"keyctl: unknown syscall number on {platform.machine()}")
+        raise OSError(errno.ENOSYS, f"keyctl: unknown syscall number on {os.uname().machine}")
     return _syscall(nrs[1], *args)
 
 

@@ -21,22 +21,21 @@ Every function that reads an image raises OverlayctlError with one line naming t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
-import hashlib
-import json
 import os
 import stat
 import struct
-import uuid
 from dataclasses import dataclass
 
 from overlayctl.errors import die
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import hashlib
     from collections.abc import Mapping, Sequence
+
+# hashlib, json, base64 and uuid are imported where they are needed: finding the sidecars of
+# an image without verity, on every merge, needs none of them.
 
 # ---------------------------------------------------------------------------------------------
 # Environment switches (getenv_bool_secure(): unset or unparsable means the default)
@@ -454,6 +453,7 @@ class GptPartition:
 
 def read_gpt(path: str) -> list[GptPartition] | None:
     """The partitions of a GPT image (512 or 4096-byte sectors), or None without a GPT."""
+    import uuid
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -538,6 +538,9 @@ def parse_sig_json(data: bytes, where: str) -> SigPartition:
     NUL after the first one), at most 4 MiB, with ``rootHash`` (hex), ``signature`` (base64
     DER PKCS#7) and optionally ``certificateFingerprint`` (hex SHA-256 of the signer's
     certificate; systemd 262 does not use it)."""
+    import base64
+    import binascii
+    import json
     if len(data) > MAX_SIGNATURE_SIZE:
         raise die(f"{where}: the verity signature partition is larger than 4 MiB",
                   "rebuild the image")
@@ -593,6 +596,7 @@ def read_sig_partition(path: str, part: GptPartition) -> SigPartition:
 
 
 def _uuid_halves(root_hash: bytes) -> tuple[str, str]:
+    import uuid
     return str(uuid.UUID(bytes=root_hash[:16])), str(uuid.UUID(bytes=root_hash[-16:]))
 
 
@@ -614,6 +618,7 @@ def ddi_verity(path: str, parts: Sequence[GptPartition], sidecar: VeritySettings
     dissected_image_guess_verity_roothash() for a GPT image. SIDECAR comes from
     load_sidecars(): a root hash there selects the partitions whose UUIDs are its halves (and
     one must exist); a .verity hash tree next to a partitioned image is refused."""
+    import uuid
     if sidecar.data_path is not None:
         raise die(f"{path}: a partitioned image cannot use the external verity data "
                   f"{sidecar.data_path}",
@@ -725,6 +730,7 @@ class VerityParams:
 
 
 def _hash(name: str) -> hashlib._Hash:
+    import hashlib
     try:
         return hashlib.new(name)
     except ValueError:
@@ -738,6 +744,7 @@ def _block_size_ok(n: int) -> bool:
 
 def parse_superblock(data: bytes, where: str, hash_offset: int = 0) -> VerityParams:
     """VERITY_read_sb(): the checks cryptsetup makes, each a one-line error."""
+    import uuid
     if len(data) < SUPERBLOCK_SIZE:
         raise die(f"{where}: too short for a verity superblock", "run veritysetup format")
     (magic, version, hash_type, raw_uuid, alg, dbs, hbs, blocks, salt_size, _p1, salt,
@@ -978,6 +985,8 @@ def verify_signature(root_hash: bytes, signature: bytes, *, root: str = "/",
     if not files:
         where = ", ".join(os.path.join(root, d.lstrip("/")) for d in CERT_DIRS)
         return SignatureCheck(False, f"no *.crt certificate in {where}")
+
+    import hashlib
 
     from asn1crypto import cms  # heavy: only when a signature is checked
     from cryptography import x509
