@@ -220,7 +220,8 @@ def parse_policy(text: str, *, graceful: bool = False,
     """image_policy_from_string(): the policy TEXT describes, or a PolicyError naming the part
     of it that is wrong (SOURCE says where TEXT came from). With GRACEFUL (as for ImagePolicy=
     in configuration files) unknown designators and flags are skipped, as systemd does."""
-    where = f"{source}={text}"
+    shown = text if text.isprintable() else text.encode("unicode_escape").decode()
+    where = f"{source}={shown}"
     if text in ("", "-"):
         return IGNORE_POLICY
     if text == "*":
