@@ -15,6 +15,9 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v mkfs.erofs >/dev/null || need+=(erofs-utils)
 command -v sfdisk >/dev/null || need+=(fdisk)
+# dm-verity hash trees (veritysetup format) and throw-away signing keys for the verity tests.
+command -v veritysetup >/dev/null || need+=(cryptsetup-bin)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
