@@ -125,23 +125,44 @@ def _backing(plan: HierarchyPlan) -> str | None:
     return None
 
 
-def prepare(settings: Settings, plan: HierarchyPlan, ws: str, origin: Origin,
-            view: PlainView | None, carry: int | None, stack: ExitStack) -> Built:
-    """Everything of one overlay but the overlay itself: workspace layers, metadata, the
-    upper and work dir. Directories it creates are removed again if it fails."""
-    cls = settings.cls
+def record_of(settings: Settings, plan: HierarchyPlan, view: PlainView | None) -> MergeRecord:
+    """The merge record of PLAN: its layers and dirs as paths inside the root (a plain view
+    of a merged hierarchy maps back to the hierarchy)."""
     root = settings.root
-    name = single_component(plan.hierarchy)
-    created: list[str] = []
 
     def shown(path: str) -> str:
-        """The path as the user knows it (a plain view maps back to the hierarchy)."""
         if view is not None:
             fdpath = view.fd_prefix
             if path == fdpath or path.startswith(fdpath + "/"):
                 real = os.path.dirname(plan.target) if view.rel else plan.target
                 path = real + path[len(fdpath):]
         return inside(root, path)
+
+    work_rel = None
+    if plan.upper_kind in ("persistent", "host") and plan.workdir:
+        work_rel = shown(plan.workdir).lstrip("/")
+    return MergeRecord(
+        cls=settings.cls.name, hierarchy=plan.hierarchy, mode=plan.mode, upper=plan.upper_kind,
+        upperdir=(shown(plan.upperdir) if plan.upperdir and plan.upper_kind in
+                  ("persistent", "host") else None),
+        workdir="/" + work_rel if work_rel else None,
+        layers=tuple(RecordedLayer(layer.role, layer.name,
+                                   inside(root, layer.image) if layer.image else
+                                   shown(layer.path) if layer.path else None)
+                     for layer in plan.lowers),
+        noexec=settings.noexec, force=settings.force, mount_options=settings.overlay_options,
+        defaults=next((shown(layer.path) for layer in plan.lowers
+                       if layer.role == "defaults" and layer.path), None),
+        since=time.time_ns() // 1000)
+
+
+def prepare(settings: Settings, plan: HierarchyPlan, ws: str, origin: Origin,
+            view: PlainView | None, carry: int | None, stack: ExitStack) -> Built:
+    """Everything of one overlay but the overlay itself: workspace layers, metadata, the
+    upper and work dir. Directories it creates are removed again if it fails."""
+    cls = settings.cls
+    name = single_component(plan.hierarchy)
+    created: list[str] = []
     try:
         meta_root = os.path.join(ws, "meta", name)
         os.makedirs(meta_root)
@@ -162,23 +183,8 @@ def prepare(settings: Settings, plan: HierarchyPlan, ws: str, origin: Origin,
                 created.append(work)
         else:
             os.chmod(meta_root, plan.top_mode)
-        work_rel = None
-        if plan.upper_kind in ("persistent", "host") and plan.workdir:
-            work_rel = shown(plan.workdir).lstrip("/")
-        record = MergeRecord(
-            cls=cls.name, hierarchy=plan.hierarchy, mode=plan.mode, upper=plan.upper_kind,
-            upperdir=(shown(plan.upperdir) if plan.upperdir and plan.upper_kind in
-                      ("persistent", "host") else None),
-            workdir="/" + work_rel if work_rel else None,
-            layers=tuple(RecordedLayer(layer.role, layer.name,
-                                       inside(root, layer.image) if layer.image else
-                                       shown(layer.path) if layer.path else None)
-                         for layer in plan.lowers),
-            noexec=settings.noexec, force=settings.force,
-            mount_options=settings.overlay_options,
-            defaults=next((shown(layer.path) for layer in plan.lowers
-                           if layer.role == "defaults" and layer.path), None),
-            since=time.time_ns() // 1000)
+        record = record_of(settings, plan, view)
+        work_rel = record.workdir.lstrip("/") if record.workdir else None
         meta_dir = metadata.write_meta(meta_root, cls, names=plan.extensions,
                                        work_dir_rel=work_rel, origin=origin,
                                        backing=_backing(plan), record=record)

@@ -296,14 +296,39 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
 
 def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
     """Put a rebuilt overlay of one hierarchy in place after its raw upper changed (reset,
-    cleanup): the same mode, options and defaults as its record says, swapped in atomically."""
+    cleanup): the same mode, options and defaults as its record says, swapped in atomically.
+    Quietly: the messages of a merge mean nothing to the user of reset or cleanup."""
     from overlayctl.settings import load_settings
     defaults = {rec.hierarchy: rec.defaults} if rec.defaults else None
     s = load_settings(root, rec.cls, cli_mutable=rec.mode, noexec=rec.noexec,
                       always_refresh=True, no_reload=True, defaults=defaults, force=rec.force,
                       hierarchies=(rec.hierarchy,))
     s = s.replace(overlay_options=rec.mount_options)
-    run(locked, [s], refresh=True)
+    with log.quiet():
+        run(locked, [s], refresh=True)
+
+
+def assumed_record(root: str, cls_name: str, hierarchy: str,
+                   stack: ExitStack) -> MergeRecord | None:
+    """For a hierarchy overlayctl never merged: the record that a merge with today's
+    configuration (images, mode, defaults from the config files and environment) would make,
+    so that diff and cleanup work on a fresh machine. With a defaults layer and no upper in
+    that mode, the hierarchy itself is the upper: the real /etc over the image's defaults.
+    None when that merge would have no upper."""
+    from overlayctl.build import record_of
+    from overlayctl.settings import load_settings
+    s = load_settings(root, cls_name, hierarchies=(hierarchy,), dry_run=True, no_reload=True)
+    with log.quiet():
+        accepted = accepted_images(s, stack)
+    plan = make_plan(s, accepted)[0]
+    if not plan.merge:
+        return None
+    rec = record_of(s, plan, None)
+    if rec.upper is None and rec.defaults:
+        # The hierarchy is then the upper, so not also a layer below it.
+        rec = rec.replace(upper="host", upperdir=hierarchy,
+                          layers=tuple(la for la in rec.layers if la.role != "base"))
+    return rec if rec.upper is not None else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 OVERLAYCTL_FAULT=NAME kills the process with SIGKILL when it reaches checkpoint NAME (or
 NAME@HIERARCHY for a checkpoint reached once per hierarchy); OVERLAYCTL_FAULT_ERROR=NAME
 makes the step fail there with an I/O error instead (what a failing system call does);
-OVERLAYCTL_FAULT_TRACE=FILE appends the name of every checkpoint reached to FILE. For tests
-only."""
+OVERLAYCTL_FAULT_PAUSE=NAME=FILE creates FILE there and waits until it is removed (to let a
+test act in that moment); OVERLAYCTL_FAULT_TRACE=FILE appends the name of every checkpoint
+reached to FILE. For tests only."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def checkpoint(name: str, hierarchy: str | None = None) -> None:
     want = os.environ.get("OVERLAYCTL_FAULT")
     if want and want in (name, full):
         os.kill(os.getpid(), signal.SIGKILL)
+    pause = os.environ.get("OVERLAYCTL_FAULT_PAUSE")
+    if pause:
+        at, _, path = pause.partition("=")
+        if at in (name, full) and path:
+            import time
+            open(path, "w").close()
+            while os.path.exists(path):
+                time.sleep(0.01)
     fail = os.environ.get("OVERLAYCTL_FAULT_ERROR")
     if fail and fail in (name, full):
         import errno

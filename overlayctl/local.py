@@ -1,6 +1,12 @@
-"""Local changes against the OS defaults: diff, which, reset, pin, unpin, cleanup, and the
-manifest behind default_changed. Works merged or unmerged, from the record of the last merge;
-always reads the raw upper, never through the overlay."""
+"""Local changes against the layers below the upper: diff, which, reset, pin, unpin,
+cleanup. Work merged or unmerged, from the record of the last merge, or, on a hierarchy that
+was never merged, from what today's configuration would merge; always read the raw upper,
+never through the overlay, and never follow a symlink out of it.
+
+reset and cleanup never lose a write: an entry that a process has open for writing, or a
+directory that is a process's working directory, is kept and reported; a file is removed
+only under a read lease (see inuse.py), moved aside first and put back if a process opened
+it for writing while the overlay was being swapped."""
 
 from __future__ import annotations
 
@@ -8,9 +14,8 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 
-from overlayctl import engine, live, state
+from overlayctl import engine, faults, inuse, live, log, state
 from overlayctl.errors import die
 from overlayctl.mountns import Locked
 from overlayctl.paths import chase
@@ -20,17 +25,18 @@ from overlayctl.upper import (
     Change,
     Entry,
     LayerRef,
+    UpperLookup,
     classify,
     clear_opaque,
     copy_up,
     digest,
     is_opaque,
     is_whiteout,
-    lower_entry,
-    lstat_or_none,
+    redirects,
     remove,
     same_entry,
-    upper_blocker,
+    upper_lookup,
+    visible_lower,
     walk_upper,
 )
 from overlayctl.vocab import LOWER_ROLES
@@ -44,20 +50,47 @@ if TYPE_CHECKING:
 # Where a hierarchy's layers are
 
 
-@dataclass
 class Stack:
-    cls: ExtClass
-    hierarchy: str
-    target: str
-    record: MergeRecord
-    merged: bool
-    upper: str | None                 # raw upper (host path), None when there is none to read
-    layers: list[LayerRef] = field(default_factory=list)
-    plain: str = ""                   # where the plain hierarchy is read (a view if merged)
+    """One hierarchy's layers as the local verbs read them."""
+
+    __slots__ = ("cls", "hierarchy", "target", "record", "merged", "upper", "layers", "plain",
+                 "assumed")
+
+    def __init__(self, cls: ExtClass, hierarchy: str, target: str, record: MergeRecord,
+                 merged: bool, upper: str | None, layers: list[LayerRef], plain: str,
+                 assumed: bool) -> None:
+        self.cls = cls
+        self.hierarchy = hierarchy
+        self.target = target
+        self.record = record
+        self.merged = merged
+        self.upper = upper            # raw upper (host path), None when there is none to read
+        self.layers = layers
+        self.plain = plain            # where the plain hierarchy is read (a view if merged)
+        self.assumed = assumed        # never merged: the layers today's configuration gives
 
     @property
     def ephemeral(self) -> bool:
         return self.record.upper == "ephemeral"
+
+    def shown(self, rel: str) -> str:
+        return os.path.join(self.hierarchy, rel) if rel else self.hierarchy
+
+    def lookup(self, rel: str) -> UpperLookup:
+        """REL in the raw upper, refusing what would leave it."""
+        assert self.upper is not None
+        found = upper_lookup(self.upper, rel)
+        if found.blocked_by is not None:
+            b = os.path.join(self.upper, found.blocked_by)
+            bst = os.lstat(b)
+            if stat.S_ISLNK(bst.st_mode):
+                raise die(f"{self.shown(rel)} goes through {self.shown(found.blocked_by)}, a "
+                          f"symlink to {os.readlink(b)} in the upper layer: overlayctl does not "
+                          "follow it", "name the path the symlink points to instead")
+        return found
+
+    def lower(self, rel: str) -> Entry | None:
+        return visible_lower(self.upper, self.layers, rel)
 
 
 def all_hierarchies() -> list[tuple[ExtClass, str]]:
@@ -88,15 +121,26 @@ def hierarchy_of(path: str) -> tuple[ExtClass, str, str]:
     return best[0], best[1], "" if rel == "." else rel
 
 
+def _record(root: str, cls: ExtClass, hierarchy: str,
+            stack: ExitStack) -> tuple[MergeRecord | None, bool]:
+    rec = state.load_record(root, cls.name, hierarchy)
+    if rec is not None:
+        return rec, False
+    return engine.assumed_record(root, cls.name, hierarchy, stack), True
+
+
 @contextmanager
 def open_stack(root: str, cls: ExtClass, hierarchy: str) -> Iterator[Stack]:
-    record = state.load_record(root, cls.name, hierarchy)
-    if record is None:
-        raise die(f"{hierarchy} has never been merged by overlayctl in {root}",
-                  f"merge it first, e.g. overlayctl --root={root} {cls.name} merge --mutable=yes")
-    target = chase(root, hierarchy) or os.path.join(root, hierarchy.lstrip("/"))
-    merged = os.path.isdir(target) and live.is_ours(target, cls)
     with ExitStack() as stack:
+        record, assumed = _record(root, cls, hierarchy, stack)
+        if record is None:
+            raise die(f"{hierarchy} has never been merged by overlayctl in {root}, and the "
+                      "configuration gives it no upper layer",
+                      f"merge it, e.g. overlayctl --root={root} {cls.name} merge --mutable=yes, "
+                      "or configure a defaults layer ([Defaults] in overlayctl/"
+                      f"{cls.name}.conf)")
+        target = chase(root, hierarchy) or os.path.join(root, hierarchy.lstrip("/"))
+        merged = os.path.isdir(target) and live.is_ours(target, cls)
         views = live.plain_views([target], cls, stack) if merged else {}
         plain = views[target].path if merged else target
 
@@ -122,7 +166,7 @@ def open_stack(root: str, cls: ExtClass, hierarchy: str) -> Iterator[Stack]:
             hp = host(layer.path)
             if hp and os.path.isdir(hp):
                 layers.append(LayerRef(layer.role, hp, layer.name))
-        yield Stack(cls, hierarchy, target, record, merged, upper, layers, plain)
+        yield Stack(cls, hierarchy, target, record, merged, upper, layers, plain, assumed)
 
 
 def _need_upper(st: Stack) -> str:
@@ -133,19 +177,37 @@ def _need_upper(st: Stack) -> str:
         raise die(f"{st.hierarchy} has no upper layer: nothing local to change",
                   "merge with --mutable=yes or auto to get one")
     if not os.path.isdir(st.upper):
-        raise die(f"upper directory {st.upper} of {st.hierarchy} does not exist",
+        raise die(f"upper directory {st.record.upperdir} of {st.hierarchy} does not exist",
                   "merge again with --mutable=yes")
     return st.upper
 
 
+def _targets(root: str, paths: list[str]) -> dict[tuple[ExtClass, str], list[str]]:
+    """Hierarchy -> the paths below it that were named (none: all of it). Without PATHS:
+    every hierarchy with a record, or with a defaults layer configured."""
+    targets: dict[tuple[ExtClass, str], list[str]] = {}
+    if paths:
+        for p in paths:
+            cls, h, rel = hierarchy_of(p)
+            targets.setdefault((cls, h), []).append(rel)
+        return targets
+    from overlayctl.settings import load_settings
+    configured: dict[str, set[str]] = {}
+    for cls, h in all_hierarchies():
+        if cls.name not in configured:
+            configured[cls.name] = set(load_settings(root, cls.name, dry_run=True).defaults)
+        if state.load_record(root, cls.name, h) is not None or h in configured[cls.name]:
+            targets[(cls, h)] = []
+    return targets
+
+
 # ---------------------------------------------------------------------------------------------
-# Verbs
+# diff and which
 
 
 def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
-    targets = _targets(root, paths)
     out: list[dict[str, Any]] = []
-    for (cls, h), rels in targets.items():
+    for (cls, h), rels in _targets(root, paths).items():
         with open_stack(root, cls, h) as st:
             if st.upper is None:
                 if st.ephemeral and st.merged:
@@ -178,35 +240,24 @@ def _default_changed(c: Change, m: Manifest) -> bool:
     return bool(recorded != current)
 
 
-def _targets(root: str, paths: list[str]) -> dict[tuple[ExtClass, str], list[str]]:
-    targets: dict[tuple[ExtClass, str], list[str]] = {}
-    if paths:
-        for p in paths:
-            cls, h, rel = hierarchy_of(p)
-            targets.setdefault((cls, h), []).append(rel)
-    else:
-        for cls, h in all_hierarchies():
-            if state.load_record(root, cls.name, h) is not None:
-                targets[(cls, h)] = []
-    return targets
-
-
 def which(root: str, path: str) -> dict[str, Any]:
     cls, h, rel = hierarchy_of(path)
     with open_stack(root, cls, h) as st:
         if st.upper and os.path.isdir(st.upper) and rel:
-            up = os.path.join(st.upper, rel)
-            ust = lstat_or_none(up)
-            if ust is not None and is_whiteout(up, ust):
-                raise die(f"{path} is deleted: a whiteout in the upper layer hides it",
-                          f"overlayctl reset {path} brings the default back")
-            if ust is not None:
-                return _which_json(path, "upper", None, up, root, st)
-            blocker = upper_blocker(st.upper, rel)
-            if blocker is not None:
-                raise die(f"{path} is hidden by {os.path.join(h, blocker)} in the upper layer",
-                          f"overlayctl reset {os.path.join(h, blocker)}")
-        e = lower_entry(st.layers, rel)
+            found = st.lookup(rel)
+            if found.st is not None and found.path is not None:
+                if is_whiteout(found.path, found.st):
+                    if st.lower(rel) is None:
+                        raise die(f"no layer of {h} provides {path}: the upper layer has an "
+                                  "orphan whiteout there (nothing below to hide)",
+                                  "overlayctl cleanup removes it")
+                    raise die(f"{path} is deleted: a whiteout in the upper layer hides it",
+                              f"overlayctl reset {path} brings the default back")
+                return _which_json(path, "upper", None, found.path, root, st)
+            if found.blocker is not None:
+                raise die(f"{path} is hidden by {st.shown(found.blocker)} in the upper layer",
+                          f"overlayctl reset {st.shown(found.blocker)}")
+        e = st.lower(rel)
         if e is None:
             raise die(f"no layer of {h} provides {path}", "check the path")
         return _which_json(path, e.layer.role, e.layer.name, e.path, root, st)
@@ -228,67 +279,220 @@ def _shown(p: str, root: str, st: Stack) -> str:
     return "/" + rel if not rel.startswith("..") else p
 
 
-@dataclass
+# ---------------------------------------------------------------------------------------------
+# Removing entries of an upper without losing a write
+
+
 class Action:
-    path: str
-    action: str
-    detail: str = ""
+    __slots__ = ("path", "action", "detail")
+
+    def __init__(self, path: str, action: str, detail: str = "") -> None:
+        self.path = path
+        self.action = action
+        self.detail = detail
 
     def as_json(self) -> dict[str, str]:
         return {"path": self.path, "action": self.action, "detail": self.detail}
 
 
+class Removal:
+    """Entries of one stack's raw upper to remove, all at once: the ones in use are kept
+    (and said so), files go under a read lease into a trash directory beside the upper
+    until the rebuilt overlay is in place, and come back if a writer turned up."""
+
+    def __init__(self, locked: Locked, st: Stack, m: Manifest) -> None:
+        self.locked = locked
+        self.st = st
+        self.m = m
+        self.todo: list[tuple[str, str, str]] = []    # rel, action, detail
+        self.kept: list[Action] = []
+        self.trashed: list[tuple[str, str, inuse.Lease]] = []   # rel, trash path, lease
+
+    def add(self, rel: str, action: str, detail: str) -> None:
+        self.todo.append((rel, action, detail))
+
+    def _seen_as(self, rel: str) -> list[str]:
+        """The paths by which processes reach REL: through the hierarchy, and raw."""
+        assert self.st.upper is not None
+        out = [os.path.join(self.st.target, rel)]
+        raw = os.path.join(self.st.upper, rel)
+        if not raw.startswith("/proc/"):
+            out.append(raw)
+        return out
+
+    def _in_use(self) -> dict[str, list[tuple[int, str]]]:
+        assert self.st.upper is not None
+        files: dict[str, str] = {}
+        dirs: dict[str, str] = {}
+        idents: dict[tuple[int, int], str] = {}
+        for rel, _, _ in self.todo:
+            p = os.path.join(self.st.upper, rel)
+            pst = os.lstat(p)
+            if stat.S_ISDIR(pst.st_mode):
+                for seen in self._seen_as(rel):
+                    dirs[seen] = rel
+            elif stat.S_ISREG(pst.st_mode):
+                for seen in self._seen_as(rel):
+                    files[seen] = rel
+                idents[(pst.st_dev, pst.st_ino)] = rel
+        return inuse.users(files, dirs, idents) if files or dirs else {}
+
+    def run(self, dry_run: bool) -> list[Action]:
+        """Remove what is not in use; returns what was done (or would be) and what was kept."""
+        assert self.st.upper is not None
+        upper = self.st.upper
+        busy = self._in_use()
+        done: list[Action] = []
+        go: list[tuple[str, str, str]] = []
+        for rel, action, detail in self.todo:
+            who = busy.get(rel)
+            if who:
+                self.kept.append(Action(self.st.shown(rel), "kept",
+                                        f"in use by {inuse.describe(who)}"))
+            else:
+                go.append((rel, action, detail))
+        if dry_run:
+            return [Action(self.st.shown(r), a, d) for r, a, d in go] + self.kept
+        trash = os.path.join(os.path.dirname(upper.rstrip("/")),
+                             f".overlayctl-trash-{os.getpid()}")
+        _drop_stale_trash(os.path.dirname(upper.rstrip("/")))
+        try:
+            for rel, action, detail in go:
+                p = os.path.join(upper, rel)
+                pst = os.lstat(p)
+                if action == "cleared-opaque":
+                    clear_opaque(p)
+                    self.m.copies.pop(rel, None)
+                elif stat.S_ISREG(pst.st_mode) and not is_whiteout(p, pst):
+                    lease = inuse.try_lease(p)
+                    if lease is None:
+                        self.kept.append(Action(self.st.shown(rel), "kept",
+                                                "opened for writing just now"))
+                        continue
+                    os.makedirs(trash, 0o700, exist_ok=True)
+                    t = os.path.join(trash, str(len(self.trashed)))
+                    os.rename(p, t)
+                    self.trashed.append((rel, t, lease))
+                    self.m.forget(rel)
+                elif stat.S_ISDIR(pst.st_mode) and action != "reset":
+                    # An empty container (cleanup): only if still empty, nothing kept in it.
+                    if os.listdir(p):
+                        continue
+                    os.rmdir(p)
+                    self.m.forget(rel)
+                else:
+                    remove(p)
+                    self.m.forget(rel)
+                done.append(Action(self.st.shown(rel), action, detail))
+            faults.checkpoint("removed", self.st.hierarchy)
+            if done and self.st.merged:
+                engine.rebuild(self.locked, self.locked.root, self.st.record)
+        finally:
+            restored = self._settle()
+        if restored and self.st.merged:
+            engine.rebuild(self.locked, self.locked.root, self.st.record)
+        gone = {a.path for a in self.kept}
+        return [a for a in done if a.path not in gone] + self.kept
+
+    def _settle(self) -> int:
+        """After the swap: a file a process opened for writing meanwhile goes back where it
+        was (its writes land there); the rest of the trash is deleted."""
+        restored = 0
+        for rel, t, lease in self.trashed:
+            assert self.st.upper is not None
+            back = os.path.join(self.st.upper, rel)
+            try:
+                if lease.broken() and not os.path.lexists(back):
+                    os.rename(t, back)
+                    restored += 1
+                    self.kept.append(Action(self.st.shown(rel), "kept",
+                                            "opened for writing while it was being removed"))
+                    log.warning(f"{self.st.shown(rel)} was opened for writing while cleanup "
+                                "removed it: kept")
+            finally:
+                lease.release()
+        if self.trashed:
+            import shutil
+            shutil.rmtree(os.path.dirname(self.trashed[0][1]), ignore_errors=True)
+        self.trashed = []
+        return restored
+
+
+def _drop_stale_trash(parent: str) -> None:
+    """Trash directories of a reset or cleanup that was killed midway (its process is gone):
+    what they hold was being removed on purpose."""
+    import shutil
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith(".overlayctl-trash-") and n[18:].isdigit() and not os.path.exists(
+                f"/proc/{n[18:]}"):
+            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reset, pin, cleanup
+
+
 def reset(locked: Locked, paths: list[str], dry_run: bool) -> list[Action]:
     root = locked.root
     actions: list[Action] = []
-    by_stack = _targets(root, paths)
-    for (cls, h), rels in by_stack.items():
+    for (cls, h), rels in _targets(root, paths).items():
         with open_stack(root, cls, h) as st:
             upper = _need_upper(st)
             m = state.load_manifest(root, cls.name, h)
-            todo: list[tuple[str, str]] = []
+            renamed = redirects(upper)               # rel -> where it was renamed from
+            origins = {o: r for r, o in renamed.items()}
+            removal = Removal(locked, st, m)
             for rel in rels:
-                shown = os.path.join(h, rel)
+                shown = st.shown(rel)
                 if not rel:
                     raise die(f"refusing to reset all of {h}",
-                              f"name paths below {h}, or remove {upper} by hand while unmerged")
-                up = os.path.join(upper, rel)
-                ust = lstat_or_none(up)
-                blocker = upper_blocker(upper, rel)
-                if ust is None:
-                    if blocker:
-                        raise die(f"{shown} is hidden by {os.path.join(h, blocker)} in the upper "
-                                  "layer", f"reset {os.path.join(h, blocker)} instead")
+                              f"name paths below {h}, or remove the upper "
+                              f"{st.record.upperdir or '(ephemeral)'} yourself while unmerged")
+                found = st.lookup(rel)
+                if found.st is None or found.path is None:
+                    if found.blocker:
+                        raise die(f"{shown} is hidden by {st.shown(found.blocker)} in the upper "
+                                  "layer", f"reset {st.shown(found.blocker)} instead")
                     actions.append(Action(shown, "unchanged", "no local copy"))
                     continue
-                low = lower_entry(st.layers, rel)
-                if low is None and not is_whiteout(up, ust):
+                up, ust = found.path, found.st
+                whiteout = is_whiteout(up, ust)
+                if whiteout and rel in origins and origins[rel] not in rels:
+                    raise die(f"{shown} was renamed to {st.shown(origins[rel])}: bringing it "
+                              "back alone would show one directory under two names",
+                              f"reset both: overlayctl reset {shown} {st.shown(origins[rel])}, "
+                              f"or mv {st.shown(origins[rel])} {shown}")
+                pair = rel in renamed and renamed[rel] in rels
+                low = st.lower(rel)
+                if low is None and not whiteout and not pair:
+                    hint = (f"it was renamed from {st.shown(renamed[rel])}: reset both paths "
+                            "to undo the rename" if rel in renamed
+                            else f"remove {shown} yourself if that is what you want")
                     raise die(f"nothing below the upper layer provides {shown}: resetting it "
-                              "would delete local data",
-                              f"remove {shown} yourself if that is what you want")
+                              "would delete local data", hint)
                 if stat.S_ISDIR(ust.st_mode):
-                    local_only = [os.path.join(h, c.rel) for c in classify(upper, st.layers, [rel])
+                    local_only = [st.shown(c.rel) for c in classify(upper, st.layers, [rel])
                                   if c.change == "added" and c.rel != rel]
                     if local_only:
                         more = f" and {len(local_only) - 1} more" if len(local_only) > 1 else ""
                         raise die(f"resetting {shown} would delete {local_only[0]}{more}, which "
                                   "nothing below provides",
                                   "reset the changed files one by one, or move yours away first")
-                if blocker:
-                    raise die(f"{shown} would stay hidden by {os.path.join(h, blocker)}",
-                              f"reset {os.path.join(h, blocker)} instead")
-                what = "whiteout" if is_whiteout(up, ust) else (
+                if found.blocker:
+                    raise die(f"{shown} would stay hidden by {st.shown(found.blocker)}",
+                              f"reset {st.shown(found.blocker)} instead")
+                what = "whiteout" if whiteout else (
+                    "renamed directory" if pair else
                     "directory" if stat.S_ISDIR(ust.st_mode) else "copy")
-                todo.append((rel, up))
-                actions.append(Action(shown, "reset", f"removed the upper {what}"))
-            if dry_run or not todo:
-                continue
-            for rel, up in todo:
-                remove(up)
-                m.forget(rel)
-            state.save_manifest(root, cls.name, h, m)
-            if st.merged:
-                engine.rebuild(locked, root, st.record)
+                removal.add(rel, "reset", f"removed the upper {what}")
+            done = removal.run(dry_run)
+            actions.extend(done)
+            if not dry_run and removal.todo:
+                state.save_manifest(root, cls.name, h, m)
     return actions
 
 
@@ -300,7 +504,7 @@ def pin(locked: Locked, paths: list[str], unpin: bool = False) -> list[Action]:
             upper = _need_upper(st)
             m = state.load_manifest(root, cls.name, h)
             for rel in rels:
-                shown = os.path.join(h, rel)
+                shown = st.shown(rel)
                 if not rel:
                     raise die(f"cannot pin all of {h}", f"name paths below {h}")
                 if unpin:
@@ -310,17 +514,17 @@ def pin(locked: Locked, paths: list[str], unpin: bool = False) -> list[Action]:
                     else:
                         actions.append(Action(shown, "unchanged", "was not pinned"))
                     continue
-                up = os.path.join(upper, rel)
-                ust = lstat_or_none(up)
-                low = lower_entry(st.layers, rel)
-                if ust is not None and is_whiteout(up, ust):
+                found = st.lookup(rel)
+                low = st.lower(rel)
+                if found.st is not None and found.path and is_whiteout(found.path, found.st):
                     raise die(f"{shown} is deleted locally (whiteout); there is nothing to pin",
                               f"overlayctl reset {shown} first")
-                if ust is None:
+                if found.st is None:
+                    if found.blocker:
+                        raise die(f"{shown} is hidden by {st.shown(found.blocker)} in the upper "
+                                  "layer", f"reset {st.shown(found.blocker)} first")
                     if low is None:
                         raise die(f"no layer provides {shown}", "check the path")
-                    if upper_blocker(upper, rel):
-                        raise die(f"{shown} is hidden in the upper layer", "reset its parent")
                     if st.merged:
                         _copy_up_live(st.target, rel, low)
                     else:
@@ -338,7 +542,8 @@ def pin(locked: Locked, paths: list[str], unpin: bool = False) -> list[Action]:
 
 def _copy_up_live(target: str, rel: str, low: Entry) -> None:
     """Make the overlay copy the entry up itself (a no-op chown triggers a full copy-up with
-    metacopy=off), so the upper never changes under a live overlay."""
+    metacopy=off), so the upper never changes under a live overlay. Every ancestor was
+    checked to be a directory in the upper (or absent), so no symlink is followed."""
     p = os.path.join(target, rel)
     os.chown(p, low.st.st_uid, low.st.st_gid, follow_symlinks=False)
 
@@ -347,49 +552,41 @@ def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool) -> list[Actio
     from overlayctl.settings import load_settings
     root = locked.root
     actions: list[Action] = []
-    wanted = [(c, h) for c, h in all_hierarchies()
-              if state.load_record(root, c.name, h) is not None
-              and (not hierarchies or h in hierarchies)]
-    unknown = [h for h in hierarchies if h not in {x for _, x in all_hierarchies()}]
+    known = {x for _, x in all_hierarchies()}
+    unknown = [h for h in hierarchies if h not in known]
     if unknown:
         raise die(f"{unknown[0]} is not a hierarchy overlayctl manages",
                   "name /etc, /usr or /opt (or one from $SYSTEMD_*_HIERARCHIES)")
+    wanted = [key for key in _targets(root, []) if not hierarchies or key[1] in hierarchies]
     for cls, h in wanted:
         with open_stack(root, cls, h) as st:
             if st.upper is None or not os.path.isdir(st.upper):
                 continue
             upper = st.upper
             m = state.load_manifest(root, cls.name, h)
-            keep = set(load_settings(root, cls.name).keep_defaults)
-            todo: list[tuple[str, str, str]] = []   # rel, op, detail
+            keep = set(load_settings(root, cls.name, dry_run=True).keep_defaults)
+            removal = Removal(locked, st, m)
+            removed: set[str] = set()
             for c in classify(upper, st.layers):
-                shown = os.path.join(h, c.rel)
+                shown = st.shown(c.rel)
                 up = os.path.join(upper, c.rel)
                 if (c.change == "identical" and c.rel not in m.pinned and c.lower is not None
                         and c.lower.layer.role in ("defaults", "base")):
                     # Copies equal to an extension's file stay: that extension may go away.
                     if not stat.S_ISDIR(os.lstat(up).st_mode):
-                        todo.append((c.rel, "remove", "identical to the layer below"))
+                        removal.add(c.rel, "removed", "identical to the layer below")
+                        removed.add(c.rel)
                 elif c.change == "deleted" and shown in keep and c.lower is not None:
-                    todo.append((c.rel, "remove", "whiteout of a path in KeepDefaults"))
+                    removal.add(c.rel, "removed", "whiteout of a path in KeepDefaults")
+                    removed.add(c.rel)
+                elif c.change == "orphan-whiteout":
+                    removal.add(c.rel, "removed", "orphan whiteout: nothing below to hide")
+                    removed.add(c.rel)
                 elif c.change == "opaque" and m.copies.get(c.rel) == "" and not any(
                         is_whiteout(os.path.join(up, n), os.lstat(os.path.join(up, n)))
                         for n in os.listdir(up)):
-                    todo.append((c.rel, "clear-opaque",
-                                 "opaque only because it was new; the default now exists"))
-            for rel, op, detail in todo:
-                actions.append(Action(os.path.join(h, rel),
-                                      "removed" if op == "remove" else "cleared-opaque", detail))
-            removed = {rel for rel, op, _ in todo if op == "remove"}
-            if not dry_run:
-                for rel, op, _ in todo:
-                    p = os.path.join(upper, rel)
-                    if op == "remove":
-                        remove(p)
-                        m.forget(rel)
-                    else:
-                        clear_opaque(p)
-                        m.copies.pop(rel, None)
+                    removal.add(c.rel, "cleared-opaque",
+                                "opaque only because it was new; the default now exists")
             # Directories left holding nothing, equal to the one below: pure containers.
             for rel, p, ust in sorted(walk_upper(upper), key=lambda t: -t[0].count("/")):
                 if not stat.S_ISDIR(ust.st_mode) or is_opaque(p):
@@ -397,17 +594,15 @@ def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool) -> list[Actio
                 left = [n for n in os.listdir(p) if os.path.join(rel, n) not in removed]
                 if left:
                     continue
-                low = lower_entry(st.layers, rel)
+                low = st.lower(rel)
                 if low is None or not same_entry(p, ust, low.path, low.st):
                     continue
-                actions.append(Action(os.path.join(h, rel), "removed",
-                                      "empty directory equal to the layer below"))
+                removal.add(rel, "removed", "empty directory equal to the layer below")
                 removed.add(rel)
-                if not dry_run:
-                    os.rmdir(p)
-                    m.forget(rel)
-            if not dry_run and (todo or removed):
+            # Deepest first, so that a directory is empty once its turn comes.
+            removal.todo.sort(key=lambda t: -t[0].count("/"))
+            done = removal.run(dry_run)
+            actions.extend(sorted(done, key=lambda a: a.path))
+            if not dry_run and removal.todo:
                 state.save_manifest(root, cls.name, h, m)
-                if st.merged:
-                    engine.rebuild(locked, root, st.record)
     return actions

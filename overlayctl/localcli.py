@@ -10,13 +10,13 @@ import sys
 from overlayctl import local, log
 from overlayctl.errors import die
 from overlayctl.output import emit_json, table
-from overlayctl.upper import lower_entry
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
     from typing import Any
 
     from overlayctl.mountns import Locked
+    from overlayctl.settings import ExtClass
 
 
 def run(verb: str, words: list[str], args: argparse.Namespace) -> int:
@@ -79,22 +79,29 @@ def _change(locked: Locked, verb: str, words: list[str], args: argparse.Namespac
 
 
 def _content(root: str, words: list[str], rows: list[dict[str, Any]]) -> int:
-    """diff --content: unified diffs of modified files against the entry below."""
+    """diff --content: unified diffs of modified files against the entry below. Each
+    hierarchy's layers are opened once, and each diff is written as soon as it is made."""
+    by_h: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    classes: dict[str, ExtClass] = {}
     for r in rows:
         if r["change"] not in ("modified", "added", "identical"):
             continue
         cls, h, rel = local.hierarchy_of(r["path"])
-        with local.open_stack(root, cls, h) as st:
+        classes[h] = cls
+        by_h.setdefault(h, []).append((rel, r))
+    for h, items in by_h.items():
+        with local.open_stack(root, classes[h], h) as st:
             assert st.upper is not None
-            up = os.path.join(st.upper, rel)
-            low = lower_entry(st.layers, rel)
-            if not os.path.isfile(up) or os.path.islink(up):
-                continue
-            new = _lines(up)
-            old = _lines(low.path) if low and os.path.isfile(low.path) else []
-            sys.stdout.writelines(difflib.unified_diff(
-                old, new, fromfile=f"a{r['path']} ({r['layer'] or 'none'})",
-                tofile=f"b{r['path']} (upper)"))
+            for rel, r in items:
+                up = os.path.join(st.upper, rel)
+                if not os.path.isfile(up) or os.path.islink(up):
+                    continue
+                low = st.lower(rel)
+                new = _lines(up)
+                old = _lines(low.path) if low and os.path.isfile(low.path) else []
+                sys.stdout.writelines(difflib.unified_diff(
+                    old, new, fromfile=f"a{r['path']} ({r['layer'] or 'none'})",
+                    tofile=f"b{r['path']} (upper)"))
     return 0
 
 

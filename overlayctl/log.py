@@ -72,3 +72,21 @@ def warning(msg: str) -> None:
 
 def error(msg: str) -> None:
     log(ERR, msg)
+
+
+class quiet:
+    """Within it, messages below LEVEL (default: warnings) are not shown: for work done on
+    the way to something else (a rebuild after reset prints no 'Merged extensions')."""
+
+    def __init__(self, level: int = WARNING) -> None:
+        self.level = level
+        self.saved = max_level
+
+    def __enter__(self) -> None:
+        global max_level
+        self.saved = max_level
+        max_level = min(max_level, self.level)
+
+    def __exit__(self, *exc: object) -> None:
+        global max_level
+        max_level = self.saved

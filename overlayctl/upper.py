@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
+TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from overlayctl.vocab import ChangeKind
+
 
 @dataclass(frozen=True)
 class LayerRef:
@@ -56,6 +60,13 @@ def is_whiteout(path: str, st: os.stat_result) -> bool:
 def is_opaque(path: str) -> bool:
     """'y' hides the layers below; 'x' only marks a directory holding xattr whiteouts."""
     return overlay_xattr(path, "opaque") == b"y"
+
+
+def redirect_of(path: str) -> str | None:
+    """Where a renamed directory's lower content is (trusted.overlay.redirect): an absolute
+    path from the layers' root, or a name in the same parent directory."""
+    v = overlay_xattr(path, "redirect")
+    return os.fsdecode(v) if v else None
 
 
 def lstat_or_none(path: str) -> os.stat_result | None:
@@ -150,16 +161,20 @@ def digest(path: str, st: os.stat_result | None = None) -> str:
 @dataclass
 class Change:
     rel: str
-    change: str                 # added, modified, identical, deleted, opaque, type-changed
+    change: ChangeKind
     lower: Entry | None
+    origin: str | None = None   # renamed: the path it was renamed from (in the layers below)
 
     def as_json(self, hierarchy: str) -> dict[str, object]:
-        return {
+        j: dict[str, object] = {
             "path": os.path.join(hierarchy, self.rel),
             "change": self.change,
             "layer": self.lower.layer.role if self.lower else None,
             "extension": self.lower.layer.name if self.lower else None,
         }
+        if self.origin is not None:
+            j["from"] = os.path.join(hierarchy, self.origin)
+        return j
 
 
 def walk_upper(upper: str, rel_dir: str = "") -> Iterator[tuple[str, str, os.stat_result]]:
@@ -261,10 +276,20 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) 
                                        for r in rels)
             if is_whiteout(p, st):
                 if in_scope:
-                    changes.append(Change(rel, "deleted", low))
+                    changes.append(Change(rel, "deleted" if low else "orphan-whiteout", low))
                 continue
             isdir = stat.S_ISDIR(st.st_mode)
             opaque = isdir and is_opaque(p)
+            r = redirect_of(p) if isdir and not opaque else None
+            if r is not None:
+                # A renamed directory: its lower content is where it came from.
+                sub = _redirected(layers, lower or [], r)
+                origin = (r.strip("/") if r.startswith("/")
+                          else os.path.join(rel_dir, r))
+                if in_scope:
+                    changes.append(Change(rel, "renamed", low, origin))
+                walk(rel, sub or None)
+                continue
             if in_scope:
                 change = _change_of(p, st, low, opaque, subdirs.get(n))
                 if change:
@@ -278,7 +303,7 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) 
 
 
 def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
-               lower_dirs: LowerDirs | None) -> str | None:
+               lower_dirs: LowerDirs | None) -> ChangeKind | None:
     if low is None:
         return "added"
     if stat.S_IFMT(st.st_mode) != stat.S_IFMT(low.st.st_mode):
@@ -290,19 +315,102 @@ def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
     return "identical" if same_entry(p, st, low.path, low.st) else "modified"
 
 
+class UpperLookup:
+    """REL in the raw upper, resolved one component at a time without following a symlink
+    (so nothing outside the layer is ever reached): the entry if the upper has one, and the
+    ancestor that hides the lower layers at REL (an opaque directory, or a whiteout, symlink
+    or other non-directory, which also hides the upper below it), if any."""
+
+    __slots__ = ("path", "st", "hidden_by", "blocked_by")
+
+    def __init__(self, path: str | None, st: os.stat_result | None, hidden_by: str | None,
+                 blocked_by: str | None) -> None:
+        self.path = path
+        self.st = st
+        self.hidden_by = hidden_by      # an ancestor that hides the lower layers at REL
+        self.blocked_by = blocked_by    # an ancestor that is no directory: REL does not exist
+
+    @property
+    def blocker(self) -> str | None:
+        return self.blocked_by or self.hidden_by
+
+
+def upper_lookup(upper: str, rel: str) -> UpperLookup:
+    parts = [p for p in rel.split("/") if p]
+    p = upper
+    hidden: str | None = None
+    for i, comp in enumerate(parts):
+        p = os.path.join(p, comp)
+        st = lstat_or_none(p)
+        here = "/".join(parts[:i + 1])
+        if st is None:
+            return UpperLookup(None, None, hidden, None)
+        if i == len(parts) - 1:
+            return UpperLookup(p, st, hidden, None)
+        if is_whiteout(p, st) or not stat.S_ISDIR(st.st_mode):
+            return UpperLookup(None, None, hidden, here)
+        if is_opaque(p) and hidden is None:
+            hidden = here
+    return UpperLookup(upper, lstat_or_none(upper), None, None)
+
+
 def upper_blocker(upper: str, rel: str) -> str | None:
     """An ancestor of REL in the upper that hides the lower entry (opaque dir, whiteout or
     non-directory), if any."""
-    parts = [p for p in rel.split("/") if p]
-    p = upper
-    for comp in parts[:-1]:
-        p = os.path.join(p, comp)
-        st = lstat_or_none(p)
+    return upper_lookup(upper, rel).blocker
+
+
+def lower_dirs_below(upper: str | None, layers: list[LayerRef], parts: list[str]) -> LowerDirs:
+    """The lower directories that make up directory PARTS as the overlay shows it: the
+    upper's renamed directories (redirects) point elsewhere in the layers below, its opaque
+    directories and non-directories hide them."""
+    dirs: LowerDirs = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
+    up = upper
+    for comp in parts:
+        parent_dirs = dirs
+        dirs = lower_children(parent_dirs, only=comp)[1].get(comp, []) if parent_dirs else []
+        if up is None:
+            continue
+        up = os.path.join(up, comp)
+        st = lstat_or_none(up)
         if st is None:
-            return None
-        if not stat.S_ISDIR(st.st_mode) or is_whiteout(p, st) or is_opaque(p):
-            return os.path.relpath(p, upper)
-    return None
+            up = None
+        elif is_whiteout(up, st) or not stat.S_ISDIR(st.st_mode) or is_opaque(up):
+            return []
+        else:
+            r = redirect_of(up)
+            if r is not None:
+                dirs = _redirected(layers, parent_dirs, r)
+    return dirs
+
+
+def _redirected(layers: list[LayerRef], parent_dirs: LowerDirs, r: str) -> LowerDirs:
+    if r.startswith("/"):
+        return _dirs_at(layers, [p for p in r.split("/") if p])
+    return lower_children(parent_dirs, only=r)[1].get(r, []) if parent_dirs else []
+
+
+def visible_lower(upper: str | None, layers: list[LayerRef], rel: str) -> Entry | None:
+    """What the layers below the upper show at REL, as the overlay combines them (renamed
+    ancestors followed). A directory renamed to REL itself does not count: this is what REL
+    would show without the upper's own entry there."""
+    parts = [p for p in rel.split("/") if p]
+    if not parts:
+        return lower_entry(layers, "")
+    dirs = lower_dirs_below(upper, layers, parts[:-1])
+    return lower_children(dirs, only=parts[-1])[0].get(parts[-1]) if dirs else None
+
+
+def redirects(upper: str) -> dict[str, str]:
+    """rel -> origin (rel) of every renamed directory in the upper."""
+    out: dict[str, str] = {}
+    for rel, p, st in walk_upper(upper):
+        if stat.S_ISDIR(st.st_mode):
+            r = redirect_of(p)
+            if r is not None:
+                out[rel] = r.strip("/") if r.startswith("/") else os.path.join(
+                    os.path.dirname(rel), r)
+    return out
 
 
 def remove(path: str) -> None:

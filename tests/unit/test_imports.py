@@ -28,8 +28,9 @@ RANKS: dict[str, int] = {
     "images": 28, "settings": 27, "release": 26, "versions": 25,
     "metadata": 29, "state": 20,
     "kernel": 10,
-    "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "vocab": 5, "faults": 5,
-    "busy": 5, "output": 5,
+    "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "faults": 5,
+    "busy": 5, "output": 5, "inuse": 5,
+    "vocab": 2,
     "record": 1,
     "__init__": 0,
 }

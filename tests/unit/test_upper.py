@@ -352,7 +352,7 @@ def test_classify_every_kind(tree: Path) -> None:
         "xattr": ("modified", "defaults"),
         "identical": ("identical", "defaults"),
         "deleted": ("deleted", "defaults"),
-        "nothing-below": ("deleted", None),
+        "nothing-below": ("orphan-whiteout", None),
         "typechg": ("type-changed", "defaults"),
         "ext.conf": ("modified", "extension"),
         "dir": ("opaque", "defaults"),
