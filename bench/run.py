@@ -100,14 +100,11 @@ class Runner:
 
 def mounts_below(root: Path) -> list[str]:
     """Mount points strictly below root (root itself is our shared bind mount)."""
-    res = []
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from overlayctl import mountinfo
     prefix = str(root) + "/"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ")
-            if mp.startswith(prefix):
-                res.append(mp)
-    return res
+    return [m.mountpoint for m in mountinfo.read() if m.mountpoint.startswith(prefix)]
 
 
 def force_unmount(root: Path) -> list[str]:

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"{e.strerror or e}{where} (hint: {hint_for(e)})")
         return 1
     except KeyboardInterrupt:
-        print("overlayctl: interrupted", file=sys.stderr)
+        log.error("interrupted")
         return 130
     except Exception as e:
         if os.environ.get("OVERLAYCTL_DEBUG") == "1":

@@ -19,7 +19,7 @@ from overlayctl import engine, faults, inuse, live, log, state
 from overlayctl.errors import die
 from overlayctl.mountns import Locked
 from overlayctl.paths import chase
-from overlayctl.settings import CLASSES, ExtClass, parse_hierarchies
+from overlayctl.settings import CLASSES, ExtClass, class_hierarchies
 from overlayctl.state import Manifest, MergeRecord
 from overlayctl.upper import (
     Change,
@@ -94,13 +94,7 @@ class Stack:
 
 
 def all_hierarchies() -> list[tuple[ExtClass, str]]:
-    out: list[tuple[ExtClass, str]] = []
-    for cls in CLASSES.values():
-        env = f"{cls.env_prefix}_HIERARCHIES"
-        value = os.environ.get(env)
-        hs = parse_hierarchies(value, env) if value is not None else cls.hierarchies
-        out.extend((cls, h) for h in hs)
-    return out
+    return [(cls, h) for cls in CLASSES.values() for h in class_hierarchies(cls)]
 
 
 def hierarchy_of(path: str) -> tuple[ExtClass, str, str]:

@@ -92,6 +92,14 @@ def parse_hierarchies(value: str, env: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def class_hierarchies(cls: ExtClass) -> tuple[str, ...]:
+    """The hierarchies of CLS: $SYSTEMD_SYSEXT_HIERARCHIES / $SYSTEMD_CONFEXT_HIERARCHIES, or
+    the class's own."""
+    env = f"{cls.env_prefix}_HIERARCHIES"
+    value = os.environ.get(env)
+    return parse_hierarchies(value, env) if value is not None else cls.hierarchies
+
+
 def read_ini(root: str, base: str, section: str) -> dict[str, str]:
     """The last assignment of each key (see read_ini_items)."""
     return {k: v for k, v, _ in read_ini_items(root, base, section)}
@@ -193,9 +201,7 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
     """Settings of one class: command line > environment > config files. HIERARCHIES
     narrows the class's hierarchies (a rebuild of one)."""
     cls = CLASSES[class_name]
-    env_h = f"{cls.env_prefix}_HIERARCHIES"
-    hv = os.environ.get(env_h)
-    all_h = parse_hierarchies(hv, env_h) if hv is not None else cls.hierarchies
+    all_h = class_hierarchies(cls)
     mutable: MutableMode = "no"
     source = "default"
     env_m = f"{cls.env_prefix}_MUTABLE_MODE"

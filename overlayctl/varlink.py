@@ -368,7 +368,8 @@ def system_error(err: int) -> VarlinkError:
 
 
 def log(msg: str) -> None:
-    print(f"overlayctl: {msg}", file=sys.stderr, flush=True)
+    from overlayctl import log as logger
+    logger.error(msg)
 
 
 @dataclass

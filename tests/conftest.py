@@ -50,13 +50,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def mounts_below(path: str) -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            mp = line.split(" ")[4].encode().decode("unicode_escape")
-            if mp == path or mp.startswith(path.rstrip("/") + "/"):
-                out.append(mp)
-    return out
+    """Mount points at or below PATH (overlayctl's own mountinfo parser: the one there is)."""
+    from overlayctl import mountinfo
+    prefix = path.rstrip("/") + "/"
+    return [m.mountpoint for m in mountinfo.read()
+            if m.mountpoint == path or m.mountpoint.startswith(prefix)]
 
 
 def umount_all_below(path: str) -> None:

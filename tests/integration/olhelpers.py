@@ -17,32 +17,13 @@ import pytest
 from tests.conftest import REPO, Result, Root, mounts_below, umount_all_below
 
 
-def _unescape(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out = []
-    i = 0
-    while i < len(s):
-        if s[i] == "\\" and s[i + 1:i + 4].isdigit() and len(s[i + 1:i + 4]) == 3:
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
 def mountinfo() -> list[dict[str, Any]]:
-    """/proc/self/mountinfo as dicts: id, parent, mountpoint, options, fstype, source, super."""
-    rows = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.rstrip("\n").split(" ")
-            sep = fields.index("-")
-            rows.append({"id": int(fields[0]), "parent": int(fields[1]),
-                         "mountpoint": _unescape(fields[4]), "options": fields[5].split(","),
-                         "fstype": fields[sep + 1], "source": _unescape(fields[sep + 2]),
-                         "super": fields[sep + 3] if len(fields) > sep + 3 else ""})
-    return rows
+    """/proc/self/mountinfo as dicts: id, parent, mountpoint, options, fstype, source, super
+    (parsed by overlayctl.mountinfo, the one parser there is)."""
+    from overlayctl import mountinfo as mi
+    return [{"id": m.id, "parent": m.parent, "mountpoint": m.mountpoint,
+             "options": m.options.split(","), "fstype": m.fstype, "source": m.source,
+             "super": m.super_options} for m in mi.read()]
 
 
 def overlays_at(path: Path | str) -> list[dict[str, Any]]:

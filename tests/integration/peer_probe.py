@@ -30,23 +30,15 @@ META = (".systemd-sysext", ".systemd-confext")
 WORKDIR = re.compile(r"^\.systemd-.*-workdir(\.[0-9]+)?$")
 
 
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
 def mounts(root: str) -> list[tuple[str, str, str, str]]:
     """(relative mount point, fstype, source, per-mount ro/rw) below ROOT, in mount order."""
+    from overlayctl import mountinfo
     out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            pre, post = line.rstrip("\n").split(" - ", 1)
-            fields = pre.split(" ")
-            mp = _unescape(fields[4])
-            fstype, source = post.split(" ")[:2]
-            if mp.startswith(root + "/"):
-                rel = mp[len(root) + 1:]
-                if not any(c.startswith(".systemd-") for c in rel.split("/")):
-                    out.append((rel, fstype, _unescape(source), fields[5].split(",")[0]))
+    for m in mountinfo.read():
+        if m.mountpoint.startswith(root + "/"):
+            rel = m.mountpoint[len(root) + 1:]
+            if not any(c.startswith(".systemd-") for c in rel.split("/")):
+                out.append((rel, m.fstype, m.source, m.options.split(",")[0]))
     return out
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.conftest import Result, Root, umount_all_below
-from tests.integration.olhelpers import unmerged
+from tests.integration.olhelpers import overlays_at, unmerged
 
 pytestmark = pytest.mark.root
 
@@ -65,15 +65,7 @@ def assert_error(res: Result) -> None:
 def overlay_on(root: Root, rel: str) -> tuple[set[str], set[str]]:
     """(per-mount options, super options) of the one overlay mounted on <root>/REL."""
     path = str(root / rel)
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            pre, _, post = line.rstrip("\n").partition(" - ")
-            fields = pre.split(" ")
-            fstype, _src, superopts = post.split(" ", 2)
-            mp = fields[4].encode().decode("unicode_escape")
-            if mp == path and fstype == "overlay":
-                found.append((set(fields[5].split(",")), set(superopts.split(","))))
+    found = [(set(m["options"]), set(m["super"].split(","))) for m in overlays_at(path)]
     assert len(found) == 1, f"expected one overlay on {path}, found {len(found)}"
     return found[0]
 

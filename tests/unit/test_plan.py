@@ -30,7 +30,9 @@ MUT = "var/lib/extensions.mutable"
 DEFAULT_FS = {"redirect_dir=on", "metacopy=off", "index=off"}
 
 
-class Root:
+class PlanTree:
+    """A tree for planning tests (no mounts): extensions, a base, mutable dirs."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
@@ -82,17 +84,17 @@ class Root:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Root:
-    return Root(tmp_path / "root")
+def root(tmp_path: Path) -> PlanTree:
+    return PlanTree(tmp_path / "root")
 
 
-def mk(root: Root | str, mode: str = "no", *, hierarchies: tuple[str, ...] = ("/opt",),
+def mk(root: PlanTree | str, mode: str = "no", *, hierarchies: tuple[str, ...] = ("/opt",),
        cls: str = "sysext", options: str | None = None, noexec: bool | None = None) -> Settings:
     return Settings(root=str(root), cls=CLASSES[cls], hierarchies=hierarchies, mutable=mode,
                     overlay_options=options, noexec=noexec)
 
 
-def one(root: Root, mode: str, accepted: list[Image], **kw: object) -> HierarchyPlan:
+def one(root: PlanTree, mode: str, accepted: list[Image], **kw: object) -> HierarchyPlan:
     plans = make_plan(mk(root, mode, **kw), accepted)  # type: ignore[arg-type]
     assert len(plans) == 1
     return plans[0]
@@ -114,7 +116,7 @@ def all_opts(p: HierarchyPlan) -> set[str]:
 # mode "no"
 
 
-def test_no_mode_readonly_stack(root: Root) -> None:
+def test_no_mode_readonly_stack(root: PlanTree) -> None:
     base = root.base()
     e = root.ext("test-extension")
     p = one(root, "no", [e])
@@ -130,7 +132,7 @@ def test_no_mode_readonly_stack(root: Root) -> None:
     assert list(p.extensions) == ["test-extension"]
 
 
-def test_no_mode_ignores_mutable_dir(root: Root) -> None:
+def test_no_mode_ignores_mutable_dir(root: PlanTree) -> None:
     root.base()
     root.mutable()
     p = one(root, "no", [root.ext("e")])
@@ -138,7 +140,7 @@ def test_no_mode_ignores_mutable_dir(root: Root) -> None:
     assert roles(p) == ["meta", "extension", "base"]
 
 
-def test_no_mode_without_content_is_skipped(root: Root) -> None:
+def test_no_mode_without_content_is_skipped(root: PlanTree) -> None:
     root.base()
     p = one(root, "no", [root.ext("e", ("usr/x",))])
     assert not p.merge
@@ -147,7 +149,7 @@ def test_no_mode_without_content_is_skipped(root: Root) -> None:
     assert not p.merge
 
 
-def test_no_mode_ignores_symlink_to_hierarchy(root: Root) -> None:
+def test_no_mode_ignores_symlink_to_hierarchy(root: PlanTree) -> None:
     root.base()
     root.mutable_link("/opt")
     p = one(root, "no", [root.ext("e")])
@@ -158,7 +160,7 @@ def test_no_mode_ignores_symlink_to_hierarchy(root: Root) -> None:
 # mode "auto"
 
 
-def test_auto_without_mutable_dir_is_readonly(root: Root) -> None:
+def test_auto_without_mutable_dir_is_readonly(root: PlanTree) -> None:
     root.base()
     p = one(root, "auto", [root.ext("e")])
     assert p.merge and p.readonly
@@ -167,7 +169,7 @@ def test_auto_without_mutable_dir_is_readonly(root: Root) -> None:
     assert list(p.fs_options) == [] and "ro" in p.vfs_options
 
 
-def test_auto_with_mutable_dir(root: Root) -> None:
+def test_auto_with_mutable_dir(root: PlanTree) -> None:
     root.base()
     m = root.mutable()
     p = one(root, "auto", [root.ext("e")])
@@ -181,7 +183,7 @@ def test_auto_with_mutable_dir(root: Root) -> None:
     assert "ro" not in p.vfs_options
 
 
-def test_auto_merges_without_extensions(root: Root) -> None:
+def test_auto_merges_without_extensions(root: PlanTree) -> None:
     root.base()
     root.mutable()
     p = one(root, "auto", [])
@@ -190,7 +192,7 @@ def test_auto_merges_without_extensions(root: Root) -> None:
     assert list(p.extensions) == []
 
 
-def test_auto_symlink_to_other_dir(root: Root) -> None:
+def test_auto_symlink_to_other_dir(root: PlanTree) -> None:
     root.base()
     up = root.mkdir("upperdir")
     root.mutable_link("../../../upperdir")
@@ -200,7 +202,7 @@ def test_auto_symlink_to_other_dir(root: Root) -> None:
     assert p.workdir == str(root / ".systemd-opt-workdir")
 
 
-def test_auto_absolute_symlink_resolved_inside_root(root: Root) -> None:
+def test_auto_absolute_symlink_resolved_inside_root(root: PlanTree) -> None:
     root.base()
     up = root.mkdir("upperdir")
     root.mutable_link("/upperdir")
@@ -208,7 +210,7 @@ def test_auto_absolute_symlink_resolved_inside_root(root: Root) -> None:
     assert p.upperdir == str(up)
 
 
-def test_auto_dangling_symlink_is_absent(root: Root) -> None:
+def test_auto_dangling_symlink_is_absent(root: PlanTree) -> None:
     root.base()
     root.mutable_link("/should/not/exist/")
     p = one(root, "auto", [root.ext("e")])
@@ -220,7 +222,7 @@ def test_auto_dangling_symlink_is_absent(root: Root) -> None:
 # mode "yes"
 
 
-def test_yes_without_mutable_dir_creates_it(root: Root) -> None:
+def test_yes_without_mutable_dir_creates_it(root: PlanTree) -> None:
     root.base()
     p = one(root, "yes", [root.ext("e")])
     assert p.upper_kind == "persistent" and p.create_upper
@@ -230,13 +232,13 @@ def test_yes_without_mutable_dir_creates_it(root: Root) -> None:
     assert all_opts(p) == DEFAULT_FS | {"noatime", "nodev"}
 
 
-def test_yes_without_mutable_root_at_all(root: Root) -> None:
+def test_yes_without_mutable_root_at_all(root: PlanTree) -> None:
     root.base()
     p = one(root, "yes", [])
     assert p.create_upper and p.upperdir == str(root / f"{MUT}/opt")
 
 
-def test_yes_with_mutable_dir(root: Root) -> None:
+def test_yes_with_mutable_dir(root: PlanTree) -> None:
     root.base()
     m = root.mutable()
     p = one(root, "yes", [root.ext("e")])
@@ -244,7 +246,7 @@ def test_yes_with_mutable_dir(root: Root) -> None:
     assert p.upperdir == str(m)
 
 
-def test_yes_dangling_symlink_creates_target_inside_root(root: Root) -> None:
+def test_yes_dangling_symlink_creates_target_inside_root(root: PlanTree) -> None:
     root.base()
     root.mutable_link("/elsewhere/up")
     p = one(root, "yes", [root.ext("e")])
@@ -253,7 +255,7 @@ def test_yes_dangling_symlink_creates_target_inside_root(root: Root) -> None:
     assert p.workdir == str(root / "elsewhere/.systemd-opt-workdir")
 
 
-def test_yes_without_extensions_merges(root: Root) -> None:
+def test_yes_without_extensions_merges(root: PlanTree) -> None:
     p = one(root, "yes", [])
     assert p.merge and p.upper_kind == "persistent"
     assert roles(p) == ["meta"]        # an upper makes a single lower fine
@@ -263,7 +265,7 @@ def test_yes_without_extensions_merges(root: Root) -> None:
 # mode "import"
 
 
-def test_import_with_mutable_dir(root: Root) -> None:
+def test_import_with_mutable_dir(root: PlanTree) -> None:
     base = root.base()
     m = root.mutable()
     e = root.ext("e")
@@ -275,27 +277,27 @@ def test_import_with_mutable_dir(root: Root) -> None:
     assert list(p.fs_options) == [] and "ro" in p.vfs_options
 
 
-def test_import_without_mutable_dir(root: Root) -> None:
+def test_import_without_mutable_dir(root: PlanTree) -> None:
     root.base()
     p = one(root, "import", [root.ext("e")])
     assert p.readonly and roles(p) == ["meta", "extension", "base"]
 
 
-def test_import_without_extension_content_still_merges(root: Root) -> None:
+def test_import_without_extension_content_still_merges(root: PlanTree) -> None:
     root.base()
     root.mutable()
     p = one(root, "import", [root.ext("e", ("usr/x",))])
     assert p.merge and roles(p) == ["meta", "import", "base"]
 
 
-def test_import_skips_mode_check(root: Root) -> None:
+def test_import_skips_mode_check(root: PlanTree) -> None:
     root.base(0o755)
     root.mutable(mode=0o700)
     p = one(root, "import", [root.ext("e")])
     assert "import" in roles(p)
 
 
-def test_import_dangling_symlink_not_imported(root: Root) -> None:
+def test_import_dangling_symlink_not_imported(root: PlanTree) -> None:
     root.base()
     root.mutable_link("/nope")
     p = one(root, "import", [root.ext("e")])
@@ -306,7 +308,7 @@ def test_import_dangling_symlink_not_imported(root: Root) -> None:
 # ephemeral modes
 
 
-def test_ephemeral(root: Root) -> None:
+def test_ephemeral(root: PlanTree) -> None:
     root.base()
     root.mutable()
     p = one(root, "ephemeral", [root.ext("e")])
@@ -319,13 +321,13 @@ def test_ephemeral(root: Root) -> None:
     assert j["upper"] == "ephemeral" and j["readonly"] is False
 
 
-def test_ephemeral_skips_mode_check(root: Root) -> None:
+def test_ephemeral_skips_mode_check(root: PlanTree) -> None:
     root.base(0o755)
     root.mutable(mode=0o700)
     assert one(root, "ephemeral", [root.ext("e")]).upper_kind == "ephemeral"
 
 
-def test_ephemeral_ignores_symlink_to_hierarchy(root: Root) -> None:
+def test_ephemeral_ignores_symlink_to_hierarchy(root: PlanTree) -> None:
     base = root.base()
     root.mutable_link("/opt")
     p = one(root, "ephemeral", [root.ext("e")])
@@ -333,7 +335,7 @@ def test_ephemeral_ignores_symlink_to_hierarchy(root: Root) -> None:
     assert paths(p)[-1] == str(base)
 
 
-def test_ephemeral_import(root: Root) -> None:
+def test_ephemeral_import(root: PlanTree) -> None:
     root.base()
     m = root.mutable()
     p = one(root, "ephemeral-import", [root.ext("e")])
@@ -342,7 +344,7 @@ def test_ephemeral_import(root: Root) -> None:
     assert paths(p)[1] == str(m)
 
 
-def test_ephemeral_import_without_dir(root: Root) -> None:
+def test_ephemeral_import_without_dir(root: PlanTree) -> None:
     root.base()
     p = one(root, "ephemeral-import", [])
     assert p.upper_kind == "ephemeral" and roles(p) == ["meta", "base"]
@@ -354,7 +356,7 @@ def test_ephemeral_import_without_dir(root: Root) -> None:
 
 @pytest.mark.parametrize("target", ["/opt", "../../../opt", "/opt/"])
 @pytest.mark.parametrize("mode", ["auto", "yes"])
-def test_symlink_to_hierarchy_makes_it_the_upper(root: Root, mode: str, target: str) -> None:
+def test_symlink_to_hierarchy_makes_it_the_upper(root: PlanTree, mode: str, target: str) -> None:
     base = root.base()
     root.mutable_link(target)
     p = one(root, mode, [root.ext("e")])
@@ -368,14 +370,14 @@ def test_symlink_to_hierarchy_makes_it_the_upper(root: Root, mode: str, target: 
 
 
 @pytest.mark.parametrize("mode", ["import", "ephemeral-import"])
-def test_symlink_to_hierarchy_refused_for_import(root: Root, mode: str) -> None:
+def test_symlink_to_hierarchy_refused_for_import(root: PlanTree, mode: str) -> None:
     root.base()
     root.mutable_link("/opt")
     with pytest.raises(OverlayctlError):
         one(root, mode, [root.ext("e")])
 
 
-def test_symlink_to_symlinked_hierarchy(root: Root) -> None:
+def test_symlink_to_symlinked_hierarchy(root: PlanTree) -> None:
     # /opt -> /var/opt and the mutable dir -> /var/opt: still "the hierarchy itself"
     real = root.mkdir("var/opt")
     (real / "H").write_text("H")
@@ -392,27 +394,27 @@ def test_symlink_to_symlinked_hierarchy(root: Root) -> None:
 
 
 @pytest.mark.parametrize("mode", ["auto", "yes"])
-def test_mode_mismatch_is_an_error(root: Root, mode: str) -> None:
+def test_mode_mismatch_is_an_error(root: PlanTree, mode: str) -> None:
     root.base(0o755)
     root.mutable(mode=0o700)
     with pytest.raises(OverlayctlError, match="0700"):
         one(root, mode, [root.ext("e")])
 
 
-def test_mode_match_other_than_0755(root: Root) -> None:
+def test_mode_match_other_than_0755(root: PlanTree) -> None:
     root.base(0o750)
     root.mutable(mode=0o750)
     p = one(root, "auto", [root.ext("e")])
     assert p.top_mode == 0o750 and p.upper_kind == "persistent"
 
 
-def test_mode_check_against_0755_when_hierarchy_missing(root: Root) -> None:
+def test_mode_check_against_0755_when_hierarchy_missing(root: PlanTree) -> None:
     root.mutable(mode=0o700)
     with pytest.raises(OverlayctlError):
         one(root, "yes", [root.ext("e")])
 
 
-def test_mode_check_follows_symlink(root: Root) -> None:
+def test_mode_check_follows_symlink(root: PlanTree) -> None:
     root.base(0o755)
     root.mkdir("upperdir", 0o711)
     root.mutable_link("/upperdir")
@@ -420,13 +422,13 @@ def test_mode_check_follows_symlink(root: Root) -> None:
         one(root, "auto", [root.ext("e")])
 
 
-def test_top_mode_is_hierarchy_mode(root: Root) -> None:
+def test_top_mode_is_hierarchy_mode(root: PlanTree) -> None:
     root.base(0o751)
     assert one(root, "no", [root.ext("e")]).top_mode == 0o751
     assert one(root, "ephemeral", [root.ext("e")]).top_mode == 0o751
 
 
-def test_mutable_path_not_a_directory(root: Root) -> None:
+def test_mutable_path_not_a_directory(root: PlanTree) -> None:
     root.base()
     root.file(f"{MUT}/opt")
     with pytest.raises(OverlayctlError):
@@ -437,31 +439,31 @@ def test_mutable_path_not_a_directory(root: Root) -> None:
 # base hierarchy states
 
 
-def test_missing_hierarchy(root: Root) -> None:
+def test_missing_hierarchy(root: PlanTree) -> None:
     p = one(root, "no", [root.ext("e")])
     assert p.merge and roles(p) == ["meta", "extension"]
     assert p.top_mode == 0o755 and not p.base_used
     assert p.target == str(root / "opt")
 
 
-def test_empty_hierarchy_is_not_a_lower(root: Root) -> None:
+def test_empty_hierarchy_is_not_a_lower(root: PlanTree) -> None:
     root.mkdir("opt")
     p = one(root, "no", [root.ext("e")])
     assert roles(p) == ["meta", "extension"] and not p.base_used
 
 
-def test_hidden_file_makes_hierarchy_non_empty(root: Root) -> None:
+def test_hidden_file_makes_hierarchy_non_empty(root: PlanTree) -> None:
     root.file("opt/.hidden")
     assert "base" in roles(one(root, "no", [root.ext("e")]))
 
 
-def test_hierarchy_not_a_directory(root: Root) -> None:
+def test_hierarchy_not_a_directory(root: PlanTree) -> None:
     root.file("opt", "not a dir")
     with pytest.raises(OverlayctlError):
         one(root, "no", [root.ext("e")])
 
 
-def test_symlinked_hierarchy_resolved_inside_root(root: Root) -> None:
+def test_symlinked_hierarchy_resolved_inside_root(root: PlanTree) -> None:
     real = root.mkdir("var/opt")
     (real / "H").write_text("H")
     (root / "opt").symlink_to("/var/opt")
@@ -472,7 +474,7 @@ def test_symlinked_hierarchy_resolved_inside_root(root: Root) -> None:
     assert p.upperdir == str(m)
 
 
-def test_base_view(root: Root) -> None:
+def test_base_view(root: PlanTree) -> None:
     root.mkdir("opt")                       # the target: looks empty (e.g. merged right now)
     plain = root.mkdir("plain-view")
     (plain / "H").write_text("H")
@@ -486,7 +488,7 @@ def test_base_view(root: Root) -> None:
 # extensions
 
 
-def test_extension_without_content_gives_no_layer_but_is_listed(root: Root) -> None:
+def test_extension_without_content_gives_no_layer_but_is_listed(root: PlanTree) -> None:
     root.base()
     a = root.ext("a", ("usr/x",))
     b = root.ext("b", ("opt/",))        # empty opt dir
@@ -496,33 +498,33 @@ def test_extension_without_content_gives_no_layer_but_is_listed(root: Root) -> N
     assert list(p.extensions) == ["a", "b", "c"]
 
 
-def test_extension_hidden_file_is_content(root: Root) -> None:
+def test_extension_hidden_file_is_content(root: PlanTree) -> None:
     p = one(root, "no", [root.ext("e", ("opt/.hidden",))])
     assert roles(p) == ["meta", "extension"]
 
 
-def test_extension_hierarchy_is_a_file(root: Root) -> None:
+def test_extension_hierarchy_is_a_file(root: PlanTree) -> None:
     e = root.ext("e", ())
     Path(e.path, "opt").write_text("file")
     with pytest.raises(OverlayctlError):
         one(root, "no", [e])
 
 
-def test_extension_hierarchy_symlink_resolved_inside_extension(root: Root) -> None:
+def test_extension_hierarchy_symlink_resolved_inside_extension(root: PlanTree) -> None:
     e = root.ext("e", ("real-opt/f",))
     Path(e.path, "opt").symlink_to("/real-opt")
     p = one(root, "no", [e])
     assert paths(p)[1] == str(Path(e.path, "real-opt"))
 
 
-def test_non_directory_images_contribute_no_layer_here(root: Root) -> None:
+def test_non_directory_images_contribute_no_layer_here(root: PlanTree) -> None:
     raw = Image("r", "raw", str(root.file("var/lib/extensions/r.raw")), "x")
     p = one(root, "no", [raw, root.ext("e")])
     assert [layer.name for layer in p.lowers if layer.role == "extension"] == ["e"]
     assert list(p.extensions) == ["r", "e"]
 
 
-def test_layer_order_newest_first(root: Root) -> None:
+def test_layer_order_newest_first(root: PlanTree) -> None:
     root.base()
     names = ["foo_1~rc1", "foo_1", "foo_2", "foo_10", "zzz"]
     imgs = sorted((root.ext(n) for n in reversed(names)), key=lambda i: version_key(i.name))
@@ -534,7 +536,7 @@ def test_layer_order_newest_first(root: Root) -> None:
     assert list(p.extensions) == names
 
 
-def test_every_hierarchy_lists_every_extension(root: Root) -> None:
+def test_every_hierarchy_lists_every_extension(root: PlanTree) -> None:
     a = root.ext("a", ("usr/x",))
     b = root.ext("b", ("opt/y",))
     usr, opt = make_plan(mk(root, "no", hierarchies=("/usr", "/opt")), [a, b])
@@ -543,7 +545,7 @@ def test_every_hierarchy_lists_every_extension(root: Root) -> None:
     assert [x.name for x in opt.lowers if x.role == "extension"] == ["b"]
 
 
-def test_mode_no_skips_only_hierarchies_without_content(root: Root) -> None:
+def test_mode_no_skips_only_hierarchies_without_content(root: PlanTree) -> None:
     usr, opt = make_plan(mk(root, "no", hierarchies=("/usr", "/opt")), [root.ext("b")])
     assert not usr.merge and opt.merge
 
@@ -554,7 +556,7 @@ def test_mode_no_skips_only_hierarchies_without_content(root: Root) -> None:
 
 @pytest.mark.parametrize("base", ["missing", "empty"])
 @pytest.mark.parametrize("mode", ["auto", "import"])
-def test_single_lower_readonly_gets_filler(root: Root, mode: str, base: str) -> None:
+def test_single_lower_readonly_gets_filler(root: PlanTree, mode: str, base: str) -> None:
     if base == "empty":
         root.mkdir("opt")
     p = one(root, mode, [root.ext("e", ("usr/x",))])
@@ -563,11 +565,11 @@ def test_single_lower_readonly_gets_filler(root: Root, mode: str, base: str) -> 
     assert paths(p) == [None, None]
 
 
-def test_no_filler_with_an_upper(root: Root) -> None:
+def test_no_filler_with_an_upper(root: PlanTree) -> None:
     assert roles(one(root, "ephemeral", [])) == ["meta"]
 
 
-def test_no_filler_when_two_lowers(root: Root) -> None:
+def test_no_filler_when_two_lowers(root: PlanTree) -> None:
     root.base()
     assert roles(one(root, "auto", [])) == ["meta", "base"]
 
@@ -576,7 +578,7 @@ def test_no_filler_when_two_lowers(root: Root) -> None:
 # options
 
 
-def test_default_options_only_with_upper(root: Root) -> None:
+def test_default_options_only_with_upper(root: PlanTree) -> None:
     root.base()
     root.mutable()
     ro = one(root, "no", [root.ext("e")])
@@ -587,7 +589,7 @@ def test_default_options_only_with_upper(root: Root) -> None:
     assert set(split_options(MUTABLE_DEFAULT_OPTIONS)) == DEFAULT_FS | {"noatime"}
 
 
-def test_env_options_replace_defaults(root: Root) -> None:
+def test_env_options_replace_defaults(root: PlanTree) -> None:
     root.base()
     root.mutable()
     p = one(root, "auto", [root.ext("e")], options="relatime,metacopy=on")
@@ -596,27 +598,27 @@ def test_env_options_replace_defaults(root: Root) -> None:
     assert not any(o.startswith(("redirect_dir", "index")) for o in all_opts(p))
 
 
-def test_empty_env_options_replace_defaults_with_nothing(root: Root) -> None:
+def test_empty_env_options_replace_defaults_with_nothing(root: PlanTree) -> None:
     root.base()
     p = one(root, "ephemeral", [root.ext("e")], options="")
     assert list(p.fs_options) == [] and set(p.vfs_options) == {"nodev"}
 
 
-def test_env_options_apply_readonly_too(root: Root) -> None:
+def test_env_options_apply_readonly_too(root: PlanTree) -> None:
     root.base()
     p = one(root, "no", [root.ext("e")], options="metacopy=off,noatime")
     assert list(p.fs_options) == ["metacopy=off"]
     assert set(p.vfs_options) == {"ro", "nodev", "noatime"}
 
 
-def test_env_options_keep_unknown_options(root: Root) -> None:
+def test_env_options_keep_unknown_options(root: PlanTree) -> None:
     p = one(root, "ephemeral", [root.ext("e")], options="userxattr,xino=off")
     assert list(p.fs_options) == ["userxattr", "xino=off"]
 
 
 @pytest.mark.parametrize("opt", ["lowerdir=/x", "upperdir=/x", "workdir=/x", "lowerdir+=/x",
                                  "datadir+=/x"])
-def test_env_options_may_not_set_layers(root: Root, opt: str) -> None:
+def test_env_options_may_not_set_layers(root: PlanTree, opt: str) -> None:
     with pytest.raises(OverlayctlError):
         one(root, "no", [root.ext("e")], options=f"noatime,{opt}")
 
@@ -639,7 +641,7 @@ def test_split_options_escapes() -> None:
     ("confext", None, "ephemeral", {"nodev", "nosuid", "noexec"}),
     ("confext", False, "ephemeral", {"nodev", "nosuid"}),
 ])
-def test_vfs_flags(root: Root, cls: str, noexec: bool | None, mode: str,
+def test_vfs_flags(root: PlanTree, cls: str, noexec: bool | None, mode: str,
                    expected: set[str]) -> None:
     h = "/opt" if cls == "sysext" else "/etc"
     d = root.mkdir(f"var/lib/extensions/e/{h}")
@@ -650,7 +652,7 @@ def test_vfs_flags(root: Root, cls: str, noexec: bool | None, mode: str,
     assert set(p.vfs_options) == expected
 
 
-def test_confext_mutable_paths(root: Root) -> None:
+def test_confext_mutable_paths(root: PlanTree) -> None:
     root.mkdir("etc")
     root.file("etc/hostname", "h")
     e = root.mkdir("var/lib/confexts/c/etc")
@@ -661,7 +663,7 @@ def test_confext_mutable_paths(root: Root) -> None:
     assert p.workdir == str(root / f"{MUT}/.systemd-etc-workdir")
 
 
-def test_nested_hierarchy_name(root: Root) -> None:
+def test_nested_hierarchy_name(root: PlanTree) -> None:
     root.mkdir(f"{MUT}/foo.bar")
     p = plan_hierarchy(mk(root, "auto", hierarchies=("/foo/bar",)), "/foo/bar", [])
     assert p.upperdir == str(root / f"{MUT}/foo.bar")
@@ -672,7 +674,7 @@ def test_nested_hierarchy_name(root: Root) -> None:
 # limits, work dir placement, file systems
 
 
-def test_too_many_layers(root: Root) -> None:
+def test_too_many_layers(root: PlanTree) -> None:
     imgs = sorted((root.ext(f"e{i:03d}") for i in range(MAX_LOWERS)),
                   key=lambda i: version_key(i.name))
     with pytest.raises(OverlayctlError, match="500"):
@@ -681,14 +683,14 @@ def test_too_many_layers(root: Root) -> None:
     assert len(p.lowers) == MAX_LOWERS
 
 
-def test_work_dir_outside_root_refused(root: Root) -> None:
+def test_work_dir_outside_root_refused(root: PlanTree) -> None:
     root.base()
     root.mutable_link("/")            # resolves to the root itself; its parent is outside
     with pytest.raises(OverlayctlError, match="outside"):
         one(root, "auto", [root.ext("e")])
 
 
-def test_upper_that_is_a_lower_refused(root: Root) -> None:
+def test_upper_that_is_a_lower_refused(root: PlanTree) -> None:
     root.base()
     e = root.ext("e")
     root.mutable_link("/var/lib/extensions/e/opt")
@@ -696,7 +698,7 @@ def test_upper_that_is_a_lower_refused(root: Root) -> None:
         one(root, "auto", [e])
 
 
-def test_mutable_dir_inside_hierarchy_refused(root: Root) -> None:
+def test_mutable_dir_inside_hierarchy_refused(root: PlanTree) -> None:
     base = root.base()
     root.mkdir("opt/upper")
     root.mutable_link("/opt/upper")
@@ -718,7 +720,7 @@ def fake_stat(monkeypatch: pytest.MonkeyPatch, path: str, dev: int) -> None:
     monkeypatch.setattr(os, "stat", fake)
 
 
-def test_upper_on_other_fs_than_its_parent(root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upper_on_other_fs_than_its_parent(root: PlanTree, monkeypatch: pytest.MonkeyPatch) -> None:
     root.base()
     m = root.mutable()
     e = root.ext("e")
@@ -727,7 +729,7 @@ def test_upper_on_other_fs_than_its_parent(root: Root, monkeypatch: pytest.Monke
         one(root, "auto", [e])
 
 
-def test_host_upper_on_other_fs_than_its_parent(root: Root,
+def test_host_upper_on_other_fs_than_its_parent(root: PlanTree,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     base = root.base()
     root.mutable_link("/opt")
@@ -737,7 +739,7 @@ def test_host_upper_on_other_fs_than_its_parent(root: Root,
         one(root, "yes", [e])
 
 
-def test_same_fs_check_not_needed_for_ephemeral(root: Root,
+def test_same_fs_check_not_needed_for_ephemeral(root: PlanTree,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     root.base()
     m = root.mutable()
@@ -759,7 +761,7 @@ def readonly_fs(monkeypatch: pytest.MonkeyPatch, below: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["auto", "yes"])
-def test_readonly_upper_refused(root: Root, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+def test_readonly_upper_refused(root: PlanTree, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     root.base()
     m = root.mutable()
     e = root.ext("e")
@@ -768,7 +770,7 @@ def test_readonly_upper_refused(root: Root, monkeypatch: pytest.MonkeyPatch, mod
         one(root, mode, [e])
 
 
-def test_readonly_hierarchy_as_upper_refused(root: Root,
+def test_readonly_hierarchy_as_upper_refused(root: PlanTree,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     base = root.base()
     root.mutable_link("/opt")
@@ -778,7 +780,7 @@ def test_readonly_hierarchy_as_upper_refused(root: Root,
         one(root, "auto", [e])
 
 
-def test_readonly_mutable_dir_fine_for_import(root: Root,
+def test_readonly_mutable_dir_fine_for_import(root: PlanTree,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root.base()
     m = root.mutable()
@@ -788,7 +790,7 @@ def test_readonly_mutable_dir_fine_for_import(root: Root,
     assert "import" in roles(one(root, "ephemeral-import", [e]))
 
 
-def test_yes_create_checks_nearest_existing_parent(root: Root,
+def test_yes_create_checks_nearest_existing_parent(root: PlanTree,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     root.base()
     e = root.ext("e")
@@ -798,7 +800,7 @@ def test_yes_create_checks_nearest_existing_parent(root: Root,
         one(root, "yes", [e])
 
 
-def test_as_json_shape(root: Root) -> None:
+def test_as_json_shape(root: PlanTree) -> None:
     root.base()
     root.mutable()
     j = one(root, "import", [root.ext("e")]).as_json()
@@ -817,8 +819,8 @@ ext_strategy = st.dictionaries(
 MUTABLE_STATES = ["absent", "dir", "to-hierarchy", "dangling", "to-other"]
 
 
-def build(tmp: str, exts: dict[str, str], mstate: str, base: str) -> tuple[Root, list[Image]]:
-    r = Root(Path(tmp) / "root")
+def build(tmp: str, exts: dict[str, str], mstate: str, base: str) -> tuple[PlanTree, list[Image]]:
+    r = PlanTree(Path(tmp) / "root")
     if base != "missing":
         r.mkdir("opt")
         if base == "full":
