@@ -117,8 +117,8 @@ def origin_of(s: Settings, plans: list[HierarchyPlan], accepted: list[Image]) ->
 
 
 def _unchanged(s: Settings, merged: list[str], origin: Origin) -> bool:
-    old = metadata.read_merged(merged[0], s.cls).origin
-    return old == origin.to_json() and set(origin.hierarchies) == {
+    old = metadata.read_origin_text(merged[0], s.cls)
+    return old == metadata.origin_text(origin) and set(origin.hierarchies) == {
         h for h in s.hierarchies if chase(s.root, h, must_exist=True) in merged}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import stat
 
 from overlayctl.errors import die
@@ -49,7 +48,13 @@ def _strip_class_suffix(name: str, cls: ExtClass) -> str:
     return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
 
 
-_TRIES = re.compile(r"\+(\d+)(?:-(\d+))?$")
+def _tries(stem: str) -> tuple[int, str] | None:
+    """(tries left, the stem without them) for a stem ending in +LEFT or +LEFT-DONE."""
+    head, plus, tail = stem.rpartition("+")
+    left, dash, done = tail.partition("-")
+    if not plus or not left.isdigit() or (dash and not done.isdigit()):
+        return None
+    return int(left), head
 
 
 def _vpick(root: str, vdir: str, base: str, suffix: str, want_dir: bool) -> str | None:
@@ -65,10 +70,10 @@ def _vpick(root: str, vdir: str, base: str, suffix: str, want_dir: bool) -> str 
             continue
         stem = entry[len(base) + 1: len(entry) - len(suffix) if suffix else None]
         good = True
-        m = _TRIES.search(stem)
-        if m:
-            good = int(m.group(1)) > 0
-            stem = stem[: m.start()]
+        tries = _tries(stem)
+        if tries is not None:
+            good = tries[0] > 0
+            stem = tries[1]
         version, _, maybe_arch = stem.rpartition("_")
         if version and (maybe_arch in _ARCHES or maybe_arch == "any"):
             if maybe_arch not in (arch, "any"):

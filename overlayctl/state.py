@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+from overlayctl.jsontext import dumps
 from overlayctl.paths import single_component
 from overlayctl.record import Record
 
@@ -47,11 +47,11 @@ def atomic_write(path: str, text: str, *, sync: bool = True) -> None:
 
 
 def dump(value: Any) -> str:
-    # json.dumps, not json.dump: only the former uses the C encoder.
-    return json.dumps(value, sort_keys=True, separators=(",", ":")) + "\n"
+    return dumps(value) + "\n"
 
 
 def _read(path: str) -> dict[str, Any] | None:
+    import json
     try:
         with open(path, encoding="utf-8") as f:
             v = json.load(f)
@@ -237,10 +237,11 @@ def note_detached(root: str, cls_name: str, hierarchy: str, dev: int) -> None:
     items = _read_list(path)
     items.append({"class": cls_name, "hierarchy": hierarchy, "dev": dev,
                   "since": int(os.stat(os.path.dirname(path)).st_mtime)})
-    atomic_write(path, json.dumps(items), sync=False)
+    atomic_write(path, dumps(items), sync=False)
 
 
 def _read_list(path: str) -> list[dict[str, Any]]:
+    import json
     try:
         with open(path, encoding="utf-8") as f:
             items = json.load(f)
@@ -268,7 +269,7 @@ def detached_alive(root: str, cls_name: str, hierarchy: str) -> list[dict[str, A
                           "processes": [{"pid": pid, "name": name} for pid, name in users]})
     if len(keep) != len(items):
         try:
-            atomic_write(path, json.dumps(keep), sync=False)
+            atomic_write(path, dumps(keep), sync=False)
         except OSError:
             pass
     return alive

@@ -23,6 +23,7 @@ RANKS: dict[str, int] = {
     "engine": 60,                            # order of operations of merge/refresh/unmerge
     "attach": 50, "build": 48, "manifest": 47, "legacy": 46, "live": 45, "nested": 44,
     "rawimage": 43, "devices": 42, "dm": 42, "mountns": 41, "overlayfs": 40,
+    "args": 31,                              # the command line (uses release.parse_boolean)
     "plan": 30,                              # pure
     "policy": 29, "verity": 29,
     "images": 28, "settings": 27, "release": 26, "versions": 25,
@@ -30,7 +31,7 @@ RANKS: dict[str, int] = {
     "kernel": 10,
     "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "faults": 5,
     "busy": 5, "output": 5, "inuse": 5,
-    "vocab": 2,
+    "vocab": 2, "jsontext": 3,
     "record": 1,
     "__init__": 0,
 }
