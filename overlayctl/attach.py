@@ -153,11 +153,11 @@ def attach_all(locked: Locked, staged: list[Staged]) -> None:
                 undo_created(b.created)
         raise
     # Past the point of return: nothing below fails the merge.
-    import shutil
     for st in staged:
         st.covered.detach()
     for st, b, old_work in attached:
         for w in b.stale:
+            import shutil
             shutil.rmtree(w, ignore_errors=True)
         new_work = (b.record.workdir or "").lstrip("/")
         if old_work and new_work != old_work.lstrip("/"):
