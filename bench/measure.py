@@ -663,17 +663,19 @@ def bench_startup(args: Any, tools: Tools, r: Runner, tmp: Path) -> dict[str, An
 # ----------------------------------------------------------------------------- refresh swap
 
 
-STRACE_RE = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+(\d+\.\d+) (\w+)\((.*)\) = (-?\d+|\?)"
+STRACE_RE = re.compile(r"^(\d+)\s+(\d+\.\d+) (\w+)\((.*)\) = (-?\d+|\?)"
                        r"(?: [A-Z]+ \(.*\))? <(\d+\.\d+)>$")
 
 
 def swap_window(r: Runner, cmd: list[str], targets: list[str]) -> dict[str, Any]:
-    """Run CMD (a refresh) under strace and measure, for each TARGET, how long the swap
-    takes: from the return of the call that attaches the new overlay at TARGET
-    (move_mount, or mount) to the return of the umount2 of the old one, in µs; negative
-    when the old one goes first (upstream's order: a gap in which TARGET shows the plain
-    base). Reusable: any command, any targets. The times are those of a traced process
-    (each traced call stops it), so they are upper bounds."""
+    """Run CMD (a refresh) under strace and measure, for each TARGET, the swap: overlayctl
+    attaches the new overlay beneath the old one and then detaches the old one, upstream
+    unmounts the old one and then mounts the new one. "window_us" runs from the return of
+    the first of the two calls to the start of the second (µs): how long both overlays are
+    stacked (overlayctl), or how long TARGET shows the plain base (upstream, given negative).
+    "detach_us" is how long the umount2 call itself took (the kernel waits for an RCU grace
+    period there). Reusable: any command, any targets. The process is traced (each traced
+    call stops it), so the times are upper bounds."""
     st = shutil.which("strace")
     if not st:
         return {"error": "no strace"}
@@ -687,26 +689,36 @@ def swap_window(r: Runner, cmd: list[str], targets: list[str]) -> dict[str, Any]
         os.unlink(out)
     if res["rc"] != 0:
         return {"error": res["stderr"].strip()[-300:], "rc": res["rc"]}
-    events: list[tuple[float, str, str, int]] = []
+    # (start, end, call, arguments)
+    events: list[tuple[float, float, str, str]] = []
     for line in text.splitlines():
         m = STRACE_RE.match(line.strip())
         if not m or m[5] == "?" or int(m[5]) < 0:
             continue
-        events.append((float(m[2]) + float(m[6]), m[3], m[4], int(m[1])))
+        t = float(m[2])
+        events.append((t, t + float(m[6]), m[3], m[4]))
     result: dict[str, Any] = {"targets": {}}
     for t in targets:
         q = f'"{t}"'
-        attach = [e for e in events if e[1] in ("move_mount", "mount") and q in e[2]
-                  and "MS_REMOUNT" not in e[2] and "MS_PRIVATE" not in e[2]]
-        detach = [e for e in events if e[1] == "umount2" and e[2].startswith(q)]
+        # Upstream 262 mounts onto /proc/self/fd/N of the target: its attach is the
+        # recursive bind of its staging overlay (/run/systemd/sysext/overlay/<hierarchy>).
+        staged = f'"/run/systemd/sysext/overlay/{os.path.basename(t)}"'
+        attach = [e for e in events if e[2] in ("move_mount", "mount") and (
+                  q in e[3] or (e[3].startswith(staged) and "MS_BIND|MS_REC" in e[3]))
+                  and "MS_REMOUNT" not in e[3] and "MS_PRIVATE" not in e[3]]
+        detach = [e for e in events if e[2] == "umount2" and e[3].startswith(q)]
         if not attach or not detach:
             result["targets"][t] = {"error": f"no attach/detach of {t} seen",
-                                    "calls": [e[1] for e in events]}
+                                    "calls": [e[2] for e in events]}
             continue
-        new_in = attach[-1][0]
-        old_out = detach[0][0] if detach[0][0] < new_in else detach[-1][0]
-        result["targets"][t] = {"window_us": round((old_out - new_in) * 1e6, 1),
-                                "beneath": "MOVE_MOUNT_BENEATH" in attach[-1][2]}
+        new, old = attach[-1], detach[-1]
+        if new[0] < old[0]:     # beneath first, then the old one detached
+            w = old[0] - new[1]
+        else:                   # the old one unmounted first: a gap
+            w = -(new[0] - old[1])
+        result["targets"][t] = {"window_us": round(w * 1e6, 1),
+                                "detach_us": round((old[1] - old[0]) * 1e6, 1),
+                                "beneath": "0x200" in new[3] or "BENEATH" in new[3]}
     return result
 
 
@@ -720,6 +732,7 @@ def bench_swap(args: Any, tools: Tools, r: Runner, tmp: Path, n: int = 10,
         set_mutable_state(root, "sysext", mode)
         for t in ["overlayctl", *(["upstream"] if "sysext" in tools.up else [])]:
             wins: dict[str, list[float]] = {}
+            detach: list[float] = []
             err = ""
             for _ in range(reps):
                 r.run(tools.cmd(t, "sysext", root, "merge", mode))
@@ -733,10 +746,12 @@ def bench_swap(args: Any, tools: Tools, r: Runner, tmp: Path, n: int = 10,
                 for tgt, v in w["targets"].items():
                     if "window_us" in v:
                         wins.setdefault(tgt, []).append(v["window_us"])
+                        detach.append(v["detach_us"])
                     else:
                         err = v["error"]
             rows.append({"tool": t, "mode": mode, "n": n, "error": err,
-                         "window_us": {k: stats(v) for k, v in wins.items()}})
+                         "window_us": {k: stats(v) for k, v in wins.items()},
+                         "detach_us": stats(detach)})
             log(f"swap window {t} {mode}: "
                 + ", ".join(f"{k}: {median_of(stats(v))} µs" for k, v in wins.items())
                 + (f" ({err})" if err else ""))

@@ -243,18 +243,23 @@ def report(res: dict[str, Any]) -> str:
         L.append("")
     if res.get("swap"):
         L.append("## refresh swap window\n")
-        L.append("From the return of the call that attaches the new overlay on /usr to the "
-                 "return of the umount2 of the old one, in µs, from `strace -ttt -T` of "
-                 "`refresh --always-refresh=yes` (a traced process, so an upper bound). "
-                 "Negative: the old overlay went first, and /usr showed the plain base for "
-                 "that long.\n")
-        L.append("| tool | mode | N | window µs median [min–max] |")
-        L.append("|---|---|---:|---:|")
+        L.append("`refresh --always-refresh=yes` of a sysext merge, traced (`strace -ttt -T`, "
+                 "so upper bounds): overlayctl mounts the new overlay beneath the old one and "
+                 "then detaches the old one; the window is the time between the two calls, "
+                 "both overlays stacked. Upstream unmounts the old overlay and then mounts the "
+                 "new one; its window is negative: /usr shows the plain base for that long. "
+                 "The detach column is the umount2 call itself (the kernel waits for an RCU "
+                 "grace period before it returns; the old overlay is already gone from the "
+                 "mount table by then).\n")
+        L.append("| tool | mode | N | window µs median [min–max] | umount2 µs |")
+        L.append("|---|---|---:|---:|---:|")
         for s in res["swap"]:
             for st in s["window_us"].values():
-                L.append(f"| {s['tool']} | {s['mode']} | {s['n']} | {fmt_ms(st)} |")
+                L.append(f"| {s['tool']} | {s['mode']} | {s['n']} | {fmt_ms(st)} | "
+                         f"{fmt_ms(s.get('detach_us'), False)} |")
             if s["error"]:
-                L.append(f"| {s['tool']} | {s['mode']} | {s['n']} | error: {s['error'][:80]} |")
+                L.append(f"| {s['tool']} | {s['mode']} | {s['n']} | error: {s['error'][:80]} "
+                         "| |")
         L.append("")
     s = res.get("startup")
     if s:
