@@ -1,3 +1,3 @@
-from overlayctl.cli import main
+from overlayctl.cli import entry
 
-raise SystemExit(main())
+entry()

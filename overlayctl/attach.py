@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-from contextlib import ExitStack
 
 from overlayctl import faults, log, metadata, mountinfo, nested
 from overlayctl import kernel as k
@@ -18,6 +17,7 @@ from overlayctl.live import PlainView, detach_all, is_ours, remove_workdir, stac
 from overlayctl.metadata import Origin
 from overlayctl.mountns import Locked, workspace
 from overlayctl.plan import HierarchyPlan
+from overlayctl.resources import ExitStack
 from overlayctl.settings import Settings
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import ExitStack
 
 from overlayctl import kernel as k
 from overlayctl import metadata
@@ -17,6 +16,7 @@ from overlayctl.metadata import Origin
 from overlayctl.overlayfs import OverlaySpec, overlay_new_api
 from overlayctl.paths import inside, single_component
 from overlayctl.plan import HierarchyPlan
+from overlayctl.resources import ExitStack
 from overlayctl.settings import ExtClass, Settings
 from overlayctl.state import MergeRecord, RecordedLayer
 

@@ -253,6 +253,20 @@ def _die_of_sigpipe() -> None:
     os.kill(os.getpid(), signal.SIGPIPE)
 
 
+def entry() -> None:
+    """The process's entry point (the launcher, the console script, python -m): main(),
+    then out without tearing the interpreter down. By then every resource is unwound and
+    every file closed; what is left is freeing modules and objects one by one, which costs
+    more than a 1-extension merge itself (docs/performance.md)."""
+    rc = main()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     if "LISTEN_FDS" in os.environ or "SYSTEMD_VARLINK_LISTEN" in os.environ:
         # Socket-activated (systemd, varlinkctl exec:): maybe the io.systemd.sysext service.

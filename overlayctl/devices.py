@@ -8,9 +8,9 @@ import ctypes
 import errno
 import fcntl
 import os
-from contextlib import ExitStack
 
 from overlayctl import kernel as k
+from overlayctl.resources import ExitStack
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A

@@ -14,7 +14,6 @@ Nothing visible changes before step 2, so a call that fails in step 1 changes no
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
 
 from overlayctl import attach, faults, live, log, metadata, state
 from overlayctl.errors import AlreadyMerged, OverlayctlError, die
@@ -24,6 +23,7 @@ from overlayctl.mountns import Locked, lock
 from overlayctl.paths import chase, inside
 from overlayctl.plan import HierarchyPlan, make_plan
 from overlayctl.release import check_compatible, host_os_release, parse_boolean
+from overlayctl.resources import ExitStack
 from overlayctl.settings import Settings
 from overlayctl.state import Manifest, MergeRecord
 

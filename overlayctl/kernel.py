@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from contextlib import ExitStack
+
+from overlayctl.resources import ExitStack
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall

@@ -4,12 +4,12 @@ directory under a merged one, the ephemeral upper of a merged one, and taking ov
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
 
 from overlayctl import faults, log, metadata, mountinfo, nested, state
 from overlayctl import kernel as k
 from overlayctl.mountns import Locked, in_child
 from overlayctl.paths import chase
+from overlayctl.resources import ExitStack
 from overlayctl.settings import ExtClass, Settings
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 from overlayctl import engine, faults, inuse, live, log, state
 from overlayctl.errors import die
 from overlayctl.mountns import Locked
 from overlayctl.paths import chase
+from overlayctl.resources import ExitStack
 from overlayctl.settings import CLASSES, ExtClass, class_hierarchies
 from overlayctl.state import Manifest, MergeRecord
 from overlayctl.upper import (

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from overlayctl import kernel as k
 from overlayctl.errors import OverlayctlError, die
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -26,32 +25,53 @@ class Locked:
         self.root = root
 
 
-@contextmanager
-def lock(root: str) -> Iterator[Locked]:
-    """Serialise every overlayctl invocation on one root (upstream has no lock)."""
-    d = os.path.join(root, "run", "overlayctl")
-    try:
-        os.makedirs(d, 0o755, exist_ok=True)
-        fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise die(f"cannot create the lock file in {d}: {e.strerror}",
-                  "run as root on a writable /run") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield Locked(root)
-    finally:
-        os.close(fd)
+class lock:
+    """Serialise every overlayctl invocation on one root (upstream has no lock):
+    ``with lock(root) as locked``. (A class rather than a contextlib generator: contextlib
+    is not imported at boot.)"""
+
+    __slots__ = ("root", "fd")
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fd = -1
+
+    def __enter__(self) -> Locked:
+        d = os.path.join(self.root, "run", "overlayctl")
+        try:
+            os.makedirs(d, 0o755, exist_ok=True)
+            fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise die(f"cannot create the lock file in {d}: {e.strerror}",
+                      "run as root on a writable /run") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return Locked(self.root)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
-@contextmanager
-def workspace() -> Iterator[str]:
+class workspace:
     """A private tmpfs that is mounted nowhere: reachable only through our fd, and through
-    the overlays that use it (metadata layers) once they exist."""
-    mfd = k.tmpfs()
-    try:
-        yield k.fd_path(mfd)
-    finally:
-        os.close(mfd)
+    the overlays that use it (metadata layers) once they exist. ``with workspace() as
+    path``."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    def __enter__(self) -> str:
+        self.fd = k.tmpfs()
+        return k.fd_path(self.fd)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 def in_child(fn: Callable[[], tuple[dict[str, Any], list[int]]]) -> tuple[dict[str, Any],

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
-from contextlib import ExitStack
 
 from overlayctl import kernel as k
 from overlayctl import log, mountinfo
 from overlayctl.mountinfo import Mount
+from overlayctl.resources import ExitStack
 
 META_DIRS = (".systemd-sysext", ".systemd-confext")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
 
 from overlayctl.errors import die
 from overlayctl.images import Image
@@ -15,6 +14,8 @@ from overlayctl.settings import Settings
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from overlayctl.vocab import LayerRole, MutableMode, UpperKind
 
 MAX_LOWERS = 500
@@ -177,7 +178,8 @@ def _overlaps(a: str, b: str) -> bool:
     return a.startswith(b) or b.startswith(a)
 
 
-BaseView = Callable[[str], str]
+if TYPE_CHECKING:
+    BaseView = Callable[[str], str]
 
 
 def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from contextlib import ExitStack
 
 from overlayctl import devices
 from overlayctl import kernel as k
 from overlayctl.errors import die
 from overlayctl.record import Record
+from overlayctl.resources import ExitStack
 
 # Partition type UUIDs (root and /usr) of the Discoverable Partitions Specification.
 DPS_TYPES: dict[str, tuple[str, str]] = {

@@ -35,7 +35,15 @@ def state_path(root: str, cls_name: str, hierarchy: str, suffix: str = ".json") 
 
 
 def atomic_write(path: str, text: str, *, sync: bool = True) -> None:
-    """Write PATH whole or not at all (a temporary file renamed over it)."""
+    """Write PATH whole or not at all (a temporary file renamed over it). A file that
+    already holds TEXT is left as it is: a boot that merges what the last one merged writes
+    nothing, and waits for no fsync."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read(len(text) + 1) == text:
+                return
+    except (OSError, ValueError):
+        pass
     os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -5,30 +5,37 @@ make. Never reads through an overlay: callers pass the raw upper and the lower l
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
+
+from overlayctl.record import Record
 
 OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from overlayctl.vocab import ChangeKind
 
 
-@dataclass(frozen=True)
-class LayerRef:
+class LayerRef(Record):
+    __slots__ = ("role", "path", "name")
     role: str            # import, extension, base, defaults
     path: str            # host path of the layer's root
-    name: str | None = None
+    name: str | None
+
+    def __init__(self, role: str, path: str, name: str | None = None) -> None:
+        self._fill(locals())
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Record):
+    __slots__ = ("layer", "path", "st")
     layer: LayerRef
     path: str            # host path of the entry
     st: os.stat_result
+
+    def __init__(self, layer: LayerRef, path: str, st: os.stat_result) -> None:
+        self._fill(locals())
 
 
 LowerDirs = list[tuple[LayerRef, str]]
@@ -158,12 +165,18 @@ def digest(path: str, st: os.stat_result | None = None) -> str:
     return h.hexdigest()
 
 
-@dataclass
 class Change:
-    rel: str
-    change: ChangeKind
-    lower: Entry | None
-    origin: str | None = None   # renamed: the path it was renamed from (in the layers below)
+    __slots__ = ("rel", "change", "lower", "origin")
+
+    def __init__(self, rel: str, change: ChangeKind, lower: Entry | None,
+                 origin: str | None = None) -> None:
+        self.rel = rel
+        self.change = change
+        self.lower = lower
+        self.origin = origin    # renamed: the path it was renamed from (in the layers below)
+
+    def __repr__(self) -> str:
+        return f"Change({self.rel!r}, {self.change!r}, {self.lower!r}, {self.origin!r})"
 
     def as_json(self, hierarchy: str) -> dict[str, object]:
         j: dict[str, object] = {
@@ -416,6 +429,7 @@ def redirects(upper: str) -> dict[str, str]:
 def remove(path: str) -> None:
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
+        import shutil
         shutil.rmtree(path)
     else:
         os.unlink(path)
@@ -442,6 +456,7 @@ def copy_up(src: Entry, upper: str, rel: str, layers: list[LayerRef]) -> None:
     elif stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src.path), dst)
     elif stat.S_ISREG(st.st_mode):
+        import shutil
         shutil.copyfile(src.path, dst, follow_symlinks=False)
     else:
         os.mknod(dst, st.st_mode, st.st_rdev)

@@ -4,8 +4,6 @@ strverscmp_improved): segments of digits compare numerically, letters by bytes,
 
 from __future__ import annotations
 
-import functools
-
 _VALID_EXTRA = "~-^."
 
 
@@ -72,4 +70,28 @@ def vercmp(a: str, b: str) -> int:
         i, j = ii, jj
 
 
-version_key = functools.cmp_to_key(vercmp)
+class version_key:
+    """A sort key that orders version strings by vercmp (functools.cmp_to_key, without
+    importing functools at boot)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: str) -> None:
+        self.v = v
+
+    def __lt__(self, other: version_key) -> bool:
+        return vercmp(self.v, other.v) < 0
+
+    def __gt__(self, other: version_key) -> bool:
+        return vercmp(self.v, other.v) > 0
+
+    def __le__(self, other: version_key) -> bool:
+        return vercmp(self.v, other.v) <= 0
+
+    def __ge__(self, other: version_key) -> bool:
+        return vercmp(self.v, other.v) >= 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, version_key) and vercmp(self.v, other.v) == 0
+
+    __hash__ = None  # type: ignore[assignment]

@@ -30,7 +30,7 @@ RANKS: dict[str, int] = {
     "metadata": 29, "state": 20,
     "kernel": 10,
     "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "faults": 5,
-    "busy": 5, "output": 5, "inuse": 5,
+    "busy": 5, "output": 5, "inuse": 5, "resources": 4,
     "vocab": 2, "jsontext": 3,
     "record": 1,
     "__init__": 0,
