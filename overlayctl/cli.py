@@ -207,6 +207,8 @@ def run(argv: list[str]) -> int:
     verb = words.pop(0) if words else "status"
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
     if verb in LOCAL_VERBS:
+        import gc
+        gc.enable()     # the launcher turns it off for the merge path (tools/launcher.sh)
         args.root = _root(args.root)
         from overlayctl import localcli
         return localcli.run(verb, words, args)
@@ -270,6 +272,8 @@ def entry() -> None:
 def main(argv: list[str] | None = None) -> int:
     if "LISTEN_FDS" in os.environ or "SYSTEMD_VARLINK_LISTEN" in os.environ:
         # Socket-activated (systemd, varlinkctl exec:): maybe the io.systemd.sysext service.
+        import gc
+        gc.enable()     # a service may run a while (the launcher turns it off)
         from overlayctl import varlink
         rc = varlink.main(sys.argv[1:] if argv is None else argv, parse)
         if rc is not None:

@@ -199,10 +199,10 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool,
                  "--always-refresh=yes to always do a refresh.")
         return None
     manifests: dict[str, Manifest] = {}
-    if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
+    if any(p.keeps_manifest for p in plans):
         from overlayctl import manifest
         for p in plans:
-            m = manifest.updated(s.root, s.cls.name, p) if p.merge else None
+            m = manifest.updated(s.root, s.cls.name, p)
             if m is not None:
                 manifests[p.hierarchy] = m
     carry: dict[str, int] = {}

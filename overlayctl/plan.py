@@ -81,6 +81,13 @@ class HierarchyPlan(Record):
         self._fill(locals())
 
     @property
+    def keeps_manifest(self) -> bool:
+        """Whether the merge keeps a manifest of the upper (manifest.py, docs/defaults.md):
+        where it is cheap and useful, a persistent upper over a defaults layer, or /etc."""
+        return self.merge and self.upper_kind in ("persistent", "host") and (
+            any(layer.role == "defaults" for layer in self.lowers) or self.hierarchy == "/etc")
+
+    @property
     def readonly(self) -> bool:
         return self.upper_kind is None
 

@@ -3,8 +3,12 @@
 # `PYTHON -IS`: -I ignores PYTHON* variables, the user's site and the current directory; -S
 # skips site, whose .pth files cost milliseconds to tens of them (a venv's editable finder);
 # the directories that hold overlayctl and psutil (DIR...) are added instead, after the
-# standard library. The Debian package installs it as /usr/bin/overlayctl
-# (PYTHON=/usr/bin/python3, DIR=/usr/lib/python3/dist-packages); bench/ times it.
+# standard library. The cyclic garbage collector is off while the modules load and a merge
+# runs (it would walk every object dozens of times for nothing: a merge frees what it
+# allocates by reference counting); cli.run turns it on again for the long-running verbs.
+# cli.entry() leaves with os._exit once everything is flushed and unwound. The Debian
+# package installs it as /usr/bin/overlayctl (PYTHON=/usr/bin/python3,
+# DIR=/usr/lib/python3/dist-packages); bench/ times it.
 set -euo pipefail
 out=${1:?usage: launcher.sh OUT PYTHON DIR...}
 py=${2:?usage: launcher.sh OUT PYTHON DIR...}
@@ -13,10 +17,12 @@ shift 2
 dirs=$(printf '%s\n' "$@" | python3 -c 'import sys; print(repr([l.rstrip("\n") for l in sys.stdin]))')
 cat >"$out.tmp" <<LAUNCHER
 #!$py -IS
+import gc
+gc.disable()
 import sys
 sys.path.extend($dirs)
-from overlayctl.cli import main
-sys.exit(main())
+from overlayctl.cli import entry
+entry()
 LAUNCHER
 chmod 755 "$out.tmp"
 mv "$out.tmp" "$out"
