@@ -33,6 +33,7 @@ from overlayctl.upper import (
     digest,
     is_opaque,
     is_whiteout,
+    iter_changes,
     redirects,
     remove,
     same_entry,
@@ -45,6 +46,8 @@ from overlayctl.vocab import LOWER_ROLES
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
     from typing import Any
+
+    from overlayctl.progress import Progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,21 +204,34 @@ def _targets(root: str, paths: list[str]) -> dict[tuple[ExtClass, str], list[str
 
 
 def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for (cls, h), rels in _targets(root, paths).items():
-        with open_stack(root, cls, h) as st:
+    return [j for _, _, j in iter_diff(root, paths)]
+
+
+def iter_diff(root: str, paths: list[str], progress: Progress | None = None
+              ) -> Iterator[tuple[Stack, Change, dict[str, Any]]]:
+    """(stack, change, JSON row) of every local change, hierarchy by hierarchy, each in
+    path order, one at a time. Every hierarchy's layers are opened (and every error about
+    them raised) before the first change comes."""
+    with ExitStack() as stack:
+        opened: list[tuple[Stack, list[str]]] = []
+        for (cls, h), rels in _targets(root, paths).items():
+            st = stack.enter_context(open_stack(root, cls, h))
             if st.upper is None:
                 if st.ephemeral and st.merged:
                     _need_upper(st)
                 continue
-            m = state.load_manifest(root, cls.name, h)
+            opened.append((st, rels))
+        for st, rels in opened:
+            assert st.upper is not None
+            m = state.load_manifest(root, st.cls.name, st.hierarchy)
             pinned = set(m.pinned)
-            for c in classify(st.upper, st.layers, [r for r in rels if r] or None):
-                j = c.as_json(h)
+            for c in iter_changes(st.upper, st.layers, [r for r in rels if r] or None):
+                if progress is not None:
+                    progress.tick()
+                j = c.as_json(st.hierarchy)
                 j["default_changed"] = _default_changed(c, m)
                 j["pinned"] = c.rel in pinned
-                out.append(j)
-    return out
+                yield st, c, j
 
 
 def _default_changed(c: Change, m: Manifest) -> bool:
@@ -543,7 +559,8 @@ def _copy_up_live(target: str, rel: str, low: Entry) -> None:
     os.chown(p, low.st.st_uid, low.st.st_gid, follow_symlinks=False)
 
 
-def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool) -> list[Action]:
+def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool,
+            progress: Progress | None = None) -> list[Action]:
     from overlayctl.settings import load_settings
     root = locked.root
     actions: list[Action] = []
@@ -562,7 +579,9 @@ def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool) -> list[Actio
             keep = set(load_settings(root, cls.name, dry_run=True).keep_defaults)
             removal = Removal(locked, st, m)
             removed: set[str] = set()
-            for c in classify(upper, st.layers):
+            for c in iter_changes(upper, st.layers):
+                if progress is not None:
+                    progress.tick()
                 shown = st.shown(c.rel)
                 up = os.path.join(upper, c.rel)
                 if (c.change == "identical" and c.rel not in m.pinned and c.lower is not None

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 
 from overlayctl import local, log
 from overlayctl.errors import die
 from overlayctl.output import emit_json, table
+from overlayctl.progress import Progress
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
     from overlayctl.args import Args
     from overlayctl.mountns import Locked
-    from overlayctl.settings import ExtClass
+    from overlayctl.upper import Change
 
 
 def run(verb: str, words: list[str], args: Args) -> int:
     root = args.root
     if verb == "diff":
-        rows = local.diff(root, words)
-        if args.content:
-            return _content(root, words, rows)
+        # --content and --json=short print each change as it comes; the table waits for
+        # the widths, pretty JSON for the whole value.
+        streaming = args.content or args.json == "short"
+        with Progress("entries read", streaming=streaming) as progress:
+            changes = local.iter_diff(root, words, progress)
+            if args.content:
+                return _content(changes)
+            if args.json == "short":
+                _stream_json(j for _, _, j in changes)
+                return 0
+            rows = [j for _, _, j in changes]
+            progress.clear()
         if args.json != "off":
             emit_json(rows, args.json)
         elif rows:
@@ -64,7 +74,8 @@ def _change(locked: Locked, verb: str, words: list[str], args: Args) -> int:
             raise die(f"{verb} needs at least one PATH", f"e.g. overlayctl {verb} /etc/hosts")
         actions = local.pin(locked, words, unpin=(verb == "unpin"))
     else:
-        actions = local.cleanup(locked, words, args.dry_run)
+        with Progress("entries read") as progress:
+            actions = local.cleanup(locked, words, args.dry_run, progress)
     done: list[dict[str, Any]] = [a.as_json() for a in actions]
     if args.json != "off":
         emit_json(done, args.json)
@@ -78,31 +89,62 @@ def _change(locked: Locked, verb: str, words: list[str], args: Args) -> int:
     return 0
 
 
-def _content(root: str, words: list[str], rows: list[dict[str, Any]]) -> int:
-    """diff --content: unified diffs of modified files against the entry below. Each
-    hierarchy's layers are opened once, and each diff is written as soon as it is made."""
-    by_h: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    classes: dict[str, ExtClass] = {}
+def _stream_json(rows: Iterator[dict[str, Any]], batch: int = 256) -> None:
+    """A JSON array, a batch of elements at a time: the same text as json.dumps(list(rows),
+    separators=(",", ":")), printed as it is made."""
+    import json
+    out = sys.stdout
+    first = True
+    chunk: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal first
+        text = json.dumps(chunk, separators=(",", ":"))
+        out.write(("[" if first else ",") + text[1:-1])
+        first = False
+        chunk.clear()
+
     for r in rows:
-        if r["change"] not in ("modified", "added", "identical"):
+        chunk.append(r)
+        if len(chunk) >= batch:
+            flush()
+    if chunk:
+        flush()
+    out.write("[]\n" if first else "]\n")
+
+
+def _content(changes: Iterator[tuple[local.Stack, Change, dict[str, Any]]]) -> int:
+    """diff --content: a unified diff of each modified or added file against the entry
+    below it (what the walk found), written as soon as it is made. Identical copies have
+    nothing to show and are not read again."""
+    import difflib
+    for st, c, r in changes:
+        if c.change not in ("modified", "added"):
             continue
-        cls, h, rel = local.hierarchy_of(r["path"])
-        classes[h] = cls
-        by_h.setdefault(h, []).append((rel, r))
-    for h, items in by_h.items():
-        with local.open_stack(root, classes[h], h) as st:
-            assert st.upper is not None
-            for rel, r in items:
-                up = os.path.join(st.upper, rel)
-                if not os.path.isfile(up) or os.path.islink(up):
-                    continue
-                low = st.lower(rel)
-                new = _lines(up)
-                old = _lines(low.path) if low and os.path.isfile(low.path) else []
-                sys.stdout.writelines(difflib.unified_diff(
-                    old, new, fromfile=f"a{r['path']} ({r['layer'] or 'none'})",
-                    tofile=f"b{r['path']} (upper)"))
+        assert st.upper is not None
+        up = os.path.join(st.upper, c.rel)
+        if not os.path.isfile(up) or os.path.islink(up):
+            continue
+        low = c.lower
+        new = _lines(up)
+        old = _lines(low.path) if low and os.path.isfile(low.path) else []
+        fromfile, tofile = f"a{r['path']} ({r['layer'] or 'none'})", f"b{r['path']} (upper)"
+        if old:
+            sys.stdout.writelines(difflib.unified_diff(old, new, fromfile=fromfile,
+                                                       tofile=tofile))
+        else:
+            sys.stdout.writelines(added_diff(new, fromfile, tofile))
     return 0
+
+
+def added_diff(new: list[str], fromfile: str, tofile: str) -> list[str]:
+    """difflib.unified_diff([], NEW, fromfile, tofile), without its matcher: a file with
+    nothing below it is one hunk of added lines (a tenth of a typical /etc)."""
+    if not new:
+        return []
+    size = "1" if len(new) == 1 else f"1,{len(new)}"
+    return [f"--- {fromfile}\n", f"+++ {tofile}\n", f"@@ -0,0 +{size} @@\n",
+            *("+" + line for line in new)]
 
 
 def _lines(p: str) -> list[str]:

@@ -59,11 +59,15 @@ def dump(value: Any) -> str:
 
 
 def _read(path: str) -> dict[str, Any] | None:
-    import json
     try:
         with open(path, encoding="utf-8") as f:
-            v = json.load(f)
+            text = f.read()
     except (OSError, ValueError):
+        return None
+    import json  # only once there is something to parse: json imports re and enum
+    try:
+        v = json.loads(text)
+    except ValueError:
         return None
     return v if isinstance(v, dict) else None
 

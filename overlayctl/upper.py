@@ -35,7 +35,13 @@ class Entry(Record):
     st: os.stat_result
 
     def __init__(self, layer: LayerRef, path: str, st: os.stat_result) -> None:
-        self._fill(locals())
+        # One per entry of every lower directory walked: set directly, not with _fill.
+        _set(self, "layer", layer)
+        _set(self, "path", path)
+        _set(self, "st", st)
+
+
+_set = object.__setattr__
 
 
 LowerDirs = list[tuple[LayerRef, str]]
@@ -127,6 +133,31 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
+def _same_bytes(a: str, b: str, size: int) -> bool:
+    """Whether regular files A and B, both SIZE bytes long, hold the same bytes."""
+    if size > _CHUNK:
+        with open(a, "rb") as ra, open(b, "rb") as rb:   # buffered: read(n) reads n bytes
+            while True:
+                x, y = ra.read(_CHUNK), rb.read(_CHUNK)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    # The common case, a small file: one read each (one byte more, to see the end).
+    fa = os.open(a, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fb = os.open(b, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fa, size + 1) == os.read(fb, size + 1)
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+_CHUNK = 1 << 16
+
+
 def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     """Equal in content, mode, owner and xattrs (overlay's own excluded); mtime ignored."""
     if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
@@ -136,8 +167,7 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
         return False
     if stat.S_ISREG(sa.st_mode):
-        import filecmp
-        if sa.st_size != sb.st_size or not filecmp.cmp(a, b, shallow=False):
+        if sa.st_size != sb.st_size or not _same_bytes(a, b, sa.st_size):
             return False
     elif stat.S_ISLNK(sa.st_mode):
         if os.readlink(a) != os.readlink(b):
@@ -180,7 +210,8 @@ class Change:
 
     def as_json(self, hierarchy: str) -> dict[str, object]:
         j: dict[str, object] = {
-            "path": os.path.join(hierarchy, self.rel),
+            "path": f"{hierarchy}/{self.rel}" if not hierarchy.endswith("/") else
+            hierarchy + self.rel,
             "change": self.change,
             "layer": self.lower.layer.role if self.lower else None,
             "extension": self.lower.layer.name if self.lower else None,
@@ -205,6 +236,27 @@ def walk_upper(upper: str, rel_dir: str = "") -> Iterator[tuple[str, str, os.sta
             yield from walk_upper(upper, rel)
 
 
+def _listing(d: str, only: str | None) -> list[tuple[str, str, os.stat_result]]:
+    """(name, path, lstat) of the entries of directory D (with ONLY, of that name only)."""
+    if only is not None:
+        p = os.path.join(d, only)
+        try:
+            return [(only, p, os.lstat(p))]
+        except OSError:
+            return []
+    out = []
+    try:
+        with os.scandir(d) as it:
+            for e in it:
+                try:
+                    out.append((e.name, e.path, e.stat(follow_symlinks=False)))
+                except OSError:
+                    continue
+    except OSError:
+        return []
+    return out
+
+
 def lower_children(dirs: LowerDirs, only: str | None = None
                    ) -> tuple[dict[str, Entry], dict[str, LowerDirs]]:
     """What the lower layers show in one directory, given that directory in each layer that
@@ -216,17 +268,8 @@ def lower_children(dirs: LowerDirs, only: str | None = None
     subdirs: dict[str, LowerDirs] = {}
     closed: set[str] = set()
     for layer, d in dirs:
-        try:
-            names = [only] if only is not None else os.listdir(d)
-        except OSError:
-            continue
-        for n in names:
+        for n, p, st in _listing(d, only):
             if n in closed:
-                continue
-            p = os.path.join(d, n)
-            try:
-                st = os.lstat(p)
-            except OSError:
                 continue
             isdir = stat.S_ISDIR(st.st_mode)
             if n not in seen:
@@ -263,56 +306,99 @@ def merged_lower(layers: list[LayerRef], rel: str = "",
 
 
 def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) -> list[Change]:
-    """Every entry of the raw upper that is a change against the layers below. Walks the
-    upper and the lower layers side by side, so each directory is listed once."""
-    changes: list[Change] = []
+    """Every entry of the raw upper that is a change against the layers below, sorted by
+    path (iter_changes, as a list)."""
+    return list(iter_changes(upper, layers, rels))
+
+
+def iter_changes(upper: str, layers: list[LayerRef],
+                 rels: list[str] | None = None) -> Iterator[Change]:
+    """The changes of classify(), one at a time and already in sorted order (so a caller
+    can print each as it comes). Walks the upper and the lower layers side by side, so each
+    directory is listed once. RELS: only below these paths."""
     roots = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
 
     def wanted(rel: str) -> bool:
-        return not rels or any(rel == r or rel.startswith(r.rstrip("/") + "/")
-                               or r.startswith(rel + "/") for r in rels)
+        assert rels
+        return any(rel == r or rel.startswith(r.rstrip("/") + "/")
+                   or r.startswith(rel + "/") for r in rels)
 
-    def walk(rel_dir: str, lower: LowerDirs | None) -> None:
-        try:
-            names = sorted(os.listdir(os.path.join(upper, rel_dir)))
-        except OSError:
-            return
+    def in_scope(rel: str) -> bool:
+        assert rels
+        return any(rel == r or rel.startswith(r.rstrip("/") + "/") for r in rels)
+
+    # One frame per directory being walked (no recursion: each change is yielded straight
+    # from here): its path, what the lower layers show in it, and its entries in order.
+    def frame(rel_dir: str, lower: LowerDirs | None) -> _Frame:
+        entries = _listing(os.path.join(upper, rel_dir), None)
         below, subdirs = lower_children(lower) if lower else ({}, {})
-        for n in names:
-            rel = os.path.join(rel_dir, n)
-            if not wanted(rel):
-                continue
-            p = os.path.join(upper, rel)
-            st = os.lstat(p)
-            low = below.get(n)
-            in_scope = not rels or any(rel == r or rel.startswith(r.rstrip("/") + "/")
-                                       for r in rels)
-            if is_whiteout(p, st):
-                if in_scope:
-                    changes.append(Change(rel, "deleted" if low else "orphan-whiteout", low))
-                continue
-            isdir = stat.S_ISDIR(st.st_mode)
-            opaque = isdir and is_opaque(p)
-            r = redirect_of(p) if isdir and not opaque else None
-            if r is not None:
-                # A renamed directory: its lower content is where it came from.
-                sub = _redirected(layers, lower or [], r)
-                origin = (r.strip("/") if r.startswith("/")
-                          else os.path.join(rel_dir, r))
-                if in_scope:
-                    changes.append(Change(rel, "renamed", low, origin))
-                walk(rel, sub or None)
-                continue
-            if in_scope:
-                change = _change_of(p, st, low, opaque, subdirs.get(n))
-                if change:
-                    changes.append(Change(rel, change, low))
-            if isdir:
-                # Below an opaque upper directory nothing of the lower layers shows through.
-                walk(rel, None if opaque or low is None else subdirs.get(n))
+        # Sorted as whole paths sort: a directory's entries come where "name/" sorts among
+        # its siblings ("a", "a.conf", "a/b"), so no list of changes needs sorting.
+        order: list[tuple[str, str, str, os.stat_result | None]] = []
+        for n, p, est in entries:
+            order.append((n, n, p, est))
+            if est.st_mode & _IFMT == _IFDIR:
+                order.append((n + "/", n, p, None))
+        order.sort(key=_first)
+        return rel_dir, lower, below, subdirs, {}, iter(order)
 
-    walk("", roots)
-    return sorted(changes, key=lambda c: c.rel)
+    frames = [frame("", roots)]
+    while frames:
+        rel_dir, lower, below, subdirs, below_dir, items = frames[-1]
+        for _, n, p, st in items:
+            if st is None:      # the entries below directory n, if it is walked
+                if n in below_dir:
+                    frames.append(frame(*below_dir.pop(n)))
+                    break
+                continue
+            rel = f"{rel_dir}/{n}" if rel_dir else n
+            if rels and not wanted(rel):
+                continue
+            low = below.get(n)
+            scope = not rels or in_scope(rel)
+            fmt = st.st_mode & _IFMT
+            if (fmt == _IFCHR and st.st_rdev == 0) or (fmt == _IFREG and st.st_size == 0
+                                                       and is_whiteout(p, st)):
+                if scope:
+                    yield Change(rel, "deleted" if low else "orphan-whiteout", low)
+                continue
+            if fmt == _IFDIR:
+                opaque = is_opaque(p)
+                r = redirect_of(p) if not opaque else None
+                if r is not None:
+                    # A renamed directory: its lower content is where it came from.
+                    sub = _redirected(layers, lower or [], r)
+                    origin = (r.strip("/") if r.startswith("/")
+                              else os.path.join(rel_dir, r))
+                    if scope:
+                        yield Change(rel, "renamed", low, origin)
+                    below_dir[n] = (rel, sub or None)
+                    continue
+                if scope:
+                    change = _change_of(p, st, low, opaque, subdirs.get(n))
+                    if change:
+                        yield Change(rel, change, low)
+                # Below an opaque upper directory nothing of the lower layers shows through.
+                below_dir[n] = (rel, None if opaque or low is None else subdirs.get(n))
+            elif scope:
+                change = _change_of(p, st, low, False, None)
+                if change:
+                    yield Change(rel, change, low)
+        else:
+            frames.pop()
+
+
+_IFMT, _IFDIR, _IFREG, _IFCHR = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFCHR
+if TYPE_CHECKING:
+    # A directory being walked: its path, the lower directories that make it up, what they
+    # show, their subdirectories, the directories below it still to walk, its entries in order.
+    _Frame = tuple[str, LowerDirs | None, dict[str, Entry], dict[str, LowerDirs],
+                   dict[str, tuple[str, LowerDirs | None]],
+                   Iterator[tuple[str, str, str, os.stat_result | None]]]
+
+
+def _first(t: tuple[str, str, str, os.stat_result | None]) -> str:
+    return t[0]
 
 
 def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
