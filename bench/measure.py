@@ -262,6 +262,15 @@ class Tools:
             self.ovl["overlayctl"] = [str(self.launcher)]
             if (REPO / ".venv/bin/overlayctl").exists() and not args.no_venv:
                 self.ovl["venv"] = [str(REPO / ".venv/bin/overlayctl")]
+            if args.baseline:
+                # Another checkout (e.g. a worktree of main) started the same way, through
+                # its own tools/launcher.sh: before and after, interleaved in one run.
+                base = Path(args.baseline).resolve()
+                subprocess.run([self.python, "-m", "compileall", "-q", str(base / "overlayctl")],
+                               check=True)
+                sh(str(base / "tools/launcher.sh"), str(OUT / "overlayctl-baseline"),
+                   self.python, str(base), purelib)
+                self.ovl["baseline"] = [str(OUT / "overlayctl-baseline")]
         up = args.upstream or find_upstream() or ""
         self.up: dict[str, list[str]] = {}
         if up and not args.no_upstream:
@@ -492,6 +501,7 @@ def local_cases(tools: Tools, root: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (command, what it is compared with)."""
     etc, defaults = str(root / "etc"), str(root / "usr/share/factory/etc")
     o = [*tools.main, f"--root={root}"]
+    b = [*tools.ovl["baseline"], f"--root={root}"] if "baseline" in tools.ovl else []
     return {
         "find -printf": (["find", etc, "-printf", "%p %s %T@\n"], ""),
         "overlayctl diff /etc --json=short": ([*o, "diff", "/etc", "--json=short"],
@@ -499,6 +509,10 @@ def local_cases(tools: Tools, root: Path) -> dict[str, tuple[list[str], str]]:
         "overlayctl diff /etc": ([*o, "diff", "/etc"], "find -printf"),
         "diff -ruN": (["diff", "-ruN", defaults, etc], ""),
         "overlayctl diff --content /etc": ([*o, "diff", "--content", "/etc"], "diff -ruN"),
+        **({"baseline diff /etc --json=short": ([*b, "diff", "/etc", "--json=short"],
+                                                "find -printf"),
+            "baseline diff --content /etc": ([*b, "diff", "--content", "/etc"], "diff -ruN")}
+           if b else {}),
     }
 
 

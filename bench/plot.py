@@ -15,10 +15,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 CLASSES = ("sysext", "confext")
 PLOT_MODES = ("no", "yes")
-TOOLS = ("overlayctl", "venv", "upstream")
-COLORS = {"overlayctl": "#1f77b4", "venv": "#2ca02c", "upstream": "#ff7f0e"}
-LABEL = {"overlayctl": "overlayctl (launcher)", "venv": ".venv/bin/overlayctl",
-         "upstream": "systemd-sysext 262"}
+TOOLS = ("overlayctl", "baseline", "venv", "upstream")
+COLORS = {"overlayctl": "#1f77b4", "baseline": "#7f7f7f", "venv": "#2ca02c",
+          "upstream": "#ff7f0e"}
+LABEL = {"overlayctl": "overlayctl (launcher)", "baseline": "before (main, launcher)",
+         "venv": ".venv/bin/overlayctl", "upstream": "systemd-sysext 262"}
 TITLE = "merge time against number of extensions (median, bars: min–max)"
 
 

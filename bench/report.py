@@ -56,7 +56,7 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
     fits: dict[str, Any] = {}
     for cls in CLASSES:
         for mode in MODES:
-            for tool in ("overlayctl", "venv", "upstream"):
+            for tool in ("overlayctl", "baseline", "venv", "upstream"):
                 pts = [(r["n"], merge_med(r, tool)) for r in rows
                        if r["class"] == cls and r["mode"] == mode]
                 good = [(x, y) for x, y in pts if y is not None]
@@ -93,7 +93,7 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
     local = res.get("local", [])
     for d in local:
         for k, c in d["cases"].items():
-            if not c["vs"]:
+            if not c["vs"] or not k.startswith("overlayctl"):
                 continue
             o, ref = median_of(c["stats"]), median_of(d["cases"][c["vs"]]["stats"])
             targets.append({"target": f"`{k}` ≤ 2× `{c['vs']}`",
@@ -159,18 +159,22 @@ def report(res: dict[str, Any]) -> str:
              "interleaved; times are wall-clock ms of the whole process, median [min–max].\n")
     budget = (res.get("startup") or {}).get("import_budget")
     if res.get("merge"):
-        tools = [t for t in ("overlayctl", "venv", "upstream")
+        tools = [t for t in ("overlayctl", "baseline", "venv", "upstream")
                  if any(t in r["tools"] for r in res["merge"])]
         L.append("## merge / refresh / unmerge\n")
         L.append(_budget_line(budget or {}) + "\n")
         L.append("`overlayctl` is the lean launcher (as /usr/bin/overlayctl in the Debian "
-                 "package), `venv` is `.venv/bin/overlayctl`; the floor is `python -I -S -c "
+                 "package), `baseline` the same for the checkout given with --baseline, "
+                 "`venv` is `.venv/bin/overlayctl`; the floor is `python -I -S -c "
                  "'import ctypes'`, run in the same cycles. `refresh` is `refresh "
                  "--always-refresh=yes`; `noop` a plain `refresh` with nothing changed.\n")
         hdr = "| class | mode | N | floor |" + "".join(f" merge {t} |" for t in tools)
         sep = "|---|---|---:|---:|" + "---:|" * len(tools)
         if "upstream" in tools:
             hdr += " ovl ÷ upstream |"
+            sep += "---:|"
+        if "baseline" in tools:
+            hdr += " ovl ÷ baseline |"
             sep += "---:|"
         hdr += " ovl ÷ floor | refresh ovl | noop ovl | unmerge ovl |"
         sep += "---:|---:|---:|---:|"
@@ -195,6 +199,9 @@ def report(res: dict[str, Any]) -> str:
             if "upstream" in tools:
                 um = merge_med(r, "upstream")
                 cells.append(f"{om / um:.2f}×" if om and um else "—")
+            if "baseline" in tools:
+                bm = merge_med(r, "baseline")
+                cells.append(f"{om / bm:.2f}×" if om and bm else "—")
             fl = r["floor"]["median"] if r.get("floor") else None
             cells.append(f"{om / fl:.2f}×" if om and fl else "—")
             cells += [fmt_ms(o[v]["stats"], False) for v in ("refresh", "refresh-noop", "unmerge")]

@@ -53,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-upstream", action="store_true", help="time overlayctl only")
     ap.add_argument("--no-venv", action="store_true", help="leave out .venv/bin/overlayctl")
     ap.add_argument("--overlayctl", help="command that runs overlayctl instead of the launcher")
+    ap.add_argument("--baseline", help="another checkout of overlayctl (a worktree of main, "
+                    "say) to time as 'baseline' beside this one, through its own launcher")
     ap.add_argument("--quick", action="store_true", help="few counts and cycles, to debug")
     ap.add_argument("--reps", type=int, help="cycles per cell (default 7, quick 2)")
     ap.add_argument("--counts", help="extension counts (default 1,10,50,90)")

@@ -27,3 +27,6 @@ if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
     touch .venv/.installed
 fi
+# Byte code for every module (an editable install compiles nothing; a run that cannot write
+# __pycache__, or runs with PYTHONDONTWRITEBYTECODE=1, would compile from source each time).
+.venv/bin/python -m compileall -q overlayctl >/dev/null
