@@ -142,7 +142,11 @@ class MergeRecord(Record):
 
 
 def save_record(root: str, rec: MergeRecord) -> None:
-    atomic_write(state_path(root, rec.cls, rec.hierarchy), dump(rec.to_json()))
+    # Not fsynced: every merge writes a new one (it holds the merge time), at boot, before
+    # sysinit.target, where an fsync waits for the disk. What it protects against is a power
+    # cut, after which no merge is left for it to describe; the rename keeps it whole or
+    # old, and an unreadable one reads as none (diff then takes today's configuration).
+    atomic_write(state_path(root, rec.cls, rec.hierarchy), dump(rec.to_json()), sync=False)
 
 
 def load_record(root: str, cls_name: str, hierarchy: str) -> MergeRecord | None:
