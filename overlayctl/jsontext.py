@@ -3,7 +3,9 @@ json module: importing it pulls in re and enum, several milliseconds at every bo
 small records. It writes what json.dumps(value, sort_keys=True, separators=(",", ":"))
 writes (ASCII only, as ensure_ascii does), for the types the records hold: dict with str
 keys, list, tuple, str, int, bool and None; tests/unit/test_jsontext.py checks that it is
-the same text. Reading stays with the json module (status and the local verbs)."""
+the same text. loads() reads JSON with the json module's own C scanner (_json), which needs
+neither re nor enum, and leaves anything it cannot read to json.loads: a refresh of a merged
+hierarchy and status read records at every call."""
 
 from __future__ import annotations
 
@@ -56,3 +58,32 @@ def dumps(value: Any) -> str:
                 raise TypeError(f"JSON keys must be strings, not {type(k).__name__}")
         return "{" + ",".join(_string(k) + ":" + dumps(value[k]) for k in sorted(value)) + "}"
     raise TypeError(f"not serialisable as JSON: {type(value).__name__}")
+
+
+class _Context:
+    """What _json.make_scanner reads off a json.JSONDecoder: json.loads's defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"),
+                      "NaN": float("nan")}.__getitem__
+
+
+_WS = " \t\n\r"
+
+
+def loads(text: str) -> Any:
+    """json.loads(TEXT): the same value, or the same error (ValueError)."""
+    try:
+        from _json import make_scanner
+        scan = make_scanner(_Context())  # type: ignore[arg-type]  # duck-typed decoder
+        value, end = scan(text, len(text) - len(text.lstrip(_WS)))
+    except (ImportError, StopIteration, ValueError, TypeError):
+        value, end = None, -1
+    if end < 0 or text[end:].strip(_WS):
+        import json  # invalid JSON, or no C scanner: json says what is wrong
+        return json.loads(text)
+    return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from overlayctl.errors import die
-from overlayctl.jsontext import dumps
+from overlayctl.jsontext import dumps, loads
 from overlayctl.record import Record
 from overlayctl.settings import ExtClass
 from overlayctl.state import MergeRecord, dump
@@ -201,9 +201,8 @@ def read_merged(path: str, cls: ExtClass) -> Merged:
         t = text(name)
         if t is None:
             return None
-        import json
         try:
-            v = json.loads(t)
+            v = loads(t)
         except ValueError:
             return None
         return v if isinstance(v, dict) else None

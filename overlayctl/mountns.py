@@ -77,11 +77,12 @@ class workspace:
 def in_child(fn: Callable[[], tuple[dict[str, Any], list[int]]]) -> tuple[dict[str, Any],
                                                                            list[int]]:
     """Run FN in a forked child with a private mount namespace; FN returns (data, fds).
-    The fds (detached mounts) and the JSON data come back over a socket; the caller owns
-    the fds."""
-    import json  # only on this path: keep both off the common start-up
-    import socket
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    The fds (detached mounts) and the data (plain values, marshalled: parent and child are
+    the same interpreter) come back over a socket; the caller owns the fds. The socket
+    module and json are not used: they import enum and re, milliseconds at every refresh."""
+    import _socket
+    import marshal
+    parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 0
@@ -90,32 +91,54 @@ def in_child(fn: Callable[[], tuple[dict[str, Any], list[int]]]) -> tuple[dict[s
             parent_sock.close()
             k.unshare_mount_ns()
             data, fds = fn()
-            payload = json.dumps({"ok": True, **data}).encode()
+            payload = marshal.dumps({"ok": True, **data})
         except OverlayctlError as e:
-            payload, fds, code = json.dumps({"ok": False, "error": e.message,
-                                             "hint": e.hint}).encode(), [], 1
+            payload, fds, code = marshal.dumps({"ok": False, "error": e.message,
+                                                "hint": e.hint}), [], 1
         except OSError as e:
-            payload, fds, code = json.dumps({"ok": False, "errno": e.errno,
-                                             "error": e.strerror or str(e),
-                                             "filename": e.filename, "hint": None}).encode(), [], 1
+            payload, fds, code = marshal.dumps({"ok": False, "errno": e.errno,
+                                                "error": e.strerror or str(e),
+                                                "filename": e.filename, "hint": None}), [], 1
         except BaseException as e:
-            payload, fds, code = json.dumps({"ok": False, "error": repr(e),
-                                             "hint": None}).encode(), [], 1
+            payload, fds, code = marshal.dumps({"ok": False, "error": repr(e),
+                                                "hint": None}), [], 1
         try:
-            socket.send_fds(child_sock, [payload], fds)
+            _send_fds(child_sock, payload, fds)
         finally:
             os._exit(code)
     child_sock.close()
     try:
-        msg, fds, _, _ = socket.recv_fds(parent_sock, 1 << 20, 600)
+        msg, fds = _recv_fds(parent_sock, 1 << 20, 600)
     finally:
         parent_sock.close()
         os.waitpid(pid, 0)
-    data = json.loads(msg.decode() or '{"ok": false, "error": "helper died"}')
+    data = marshal.loads(msg) if msg else {"ok": False, "error": "helper died"}
     if not data.get("ok"):
         for fd in fds:
             os.close(fd)
         if data.get("errno"):
             raise OSError(data["errno"], data.get("error"), data.get("filename"))
         raise die(data.get("error", "helper failed"), data.get("hint"))
-    return data, list(fds)
+    return data, fds
+
+
+def _send_fds(sock: Any, payload: bytes, fds: list[int]) -> None:
+    """socket.send_fds: PAYLOAD with FDS as SCM_RIGHTS."""
+    import _socket
+    import struct
+    anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] \
+        if fds else []
+    sock.sendmsg([payload], anc)
+
+
+def _recv_fds(sock: Any, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """socket.recv_fds: the message and the fds that came with it."""
+    import _socket
+    import struct
+    msg, anc, _flags, _addr = sock.recvmsg(bufsize, _socket.CMSG_SPACE(maxfds * 4))
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            n = len(data) // 4
+            fds.extend(struct.unpack(f"{n}i", data[:n * 4]))
+    return msg, fds

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from overlayctl.jsontext import dumps
+from overlayctl.jsontext import dumps, loads
 from overlayctl.paths import single_component
 from overlayctl.record import Record
 
@@ -64,9 +64,8 @@ def _read(path: str) -> dict[str, Any] | None:
             text = f.read()
     except (OSError, ValueError):
         return None
-    import json  # only once there is something to parse: json imports re and enum
     try:
-        v = json.loads(text)
+        v = loads(text)
     except ValueError:
         return None
     return v if isinstance(v, dict) else None
@@ -257,10 +256,9 @@ def note_detached(root: str, cls_name: str, hierarchy: str, dev: int) -> None:
 
 
 def _read_list(path: str) -> list[dict[str, Any]]:
-    import json
     try:
         with open(path, encoding="utf-8") as f:
-            items = json.load(f)
+            items = loads(f.read())
     except (OSError, ValueError):
         return []
     return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []

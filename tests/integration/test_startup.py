@@ -75,6 +75,16 @@ def test_a_merge_imports_only_what_it_needs(root: Root, launcher: Path, mode: st
     assert p.returncode == 0, p.stderr
     assert (root / "usr/share/one/a").read_text() == "a"
     assert not mods & HEAVY, sorted(mods & HEAVY)
+    # What the unit's reload runs: a refresh of the merged hierarchy (skipped as unchanged,
+    # or done again), and status. (A writable one done again removes the old work dir with
+    # shutil.rmtree: that import is left to it.)
+    again = [["refresh", "--always-refresh=yes"]] if mode == "no" else []
+    for args in (["refresh"], *again, ["status", "--json=off"]):
+        p, mods = imported(launcher, f"--root={root.path}", "sysext", *args, "--no-reload",
+                           f"--mutable={mode}")
+        assert p.returncode == 0, p.stderr
+        assert not mods & HEAVY, (args, sorted(mods & HEAVY))
+    assert (root / "usr/share/one/a").read_text() == "a"
     root.run("sysext", "unmerge", check=True)
 
 

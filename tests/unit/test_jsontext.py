@@ -39,3 +39,38 @@ def test_tuples_are_lists_and_bad_types_refused() -> None:
         dumps({1: "x"})
     with pytest.raises(TypeError):
         dumps(1.5)
+
+
+# -- loads: json.loads's results without importing json --------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12)
+
+
+@given(json_values, st.sampled_from(["", " ", "\n\t ", "\r\n"]))
+def test_loads_reads_what_json_loads_reads(value: object, ws: str) -> None:
+    import json
+    import math
+
+    from overlayctl.jsontext import loads
+    for text in (json.dumps(value), ws + json.dumps(value, indent=1) + ws):
+        got, want = loads(text), json.loads(text)
+        if isinstance(want, float) and math.isnan(want):
+            assert isinstance(got, float) and math.isnan(got)
+        else:
+            assert repr(got) == repr(want)
+
+
+@pytest.mark.parametrize("text", ["", " ", "{", '{"a":1} x', "[1,]", "nul", '"\\x"', "{'a':1}",
+                                  "[1] [2]", "\ufeff[1]"])
+def test_loads_refuses_what_json_loads_refuses(text: str) -> None:
+    import json
+
+    from overlayctl.jsontext import loads
+    with pytest.raises(json.JSONDecodeError) as want:
+        json.loads(text)
+    with pytest.raises(ValueError) as got:
+        loads(text)
+    assert str(got.value) == str(want.value)
