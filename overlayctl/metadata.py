@@ -33,6 +33,8 @@ _UNESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 
 def c_escape(s: str) -> str:
     """systemd's cescape() of the path's bytes: C escapes for the usual control characters,
     octal for every other byte below 32 or from 127 on (so UTF-8 comes out as octal)."""
+    if s.isascii() and s.isprintable() and "\\" not in s and '"' not in s and "'" not in s:
+        return s    # the usual path: nothing to escape
     out: list[str] = []
     for b in os.fsencode(s):
         e = _ESCAPES.get(b)

@@ -108,6 +108,12 @@ def read_ini(root: str, base: str, section: str) -> dict[str, str]:
 def read_ini_items(root: str, base: str, section: str) -> list[tuple[str, str, str]]:
     """KEY=VALUE settings of [SECTION] from BASE (a path below each of CONF_DIRS' parents:
     /etc, /run, /usr/local/lib, /usr/lib) and BASE.d/*.conf drop-ins, systemd style."""
+    return [(k, v, f) for sec, k, v, f in read_ini_all(root, base) if sec == section]
+
+
+def read_ini_all(root: str, base: str) -> list[tuple[str, str, str, str]]:
+    """(section, key, value, file) of every setting in BASE and its drop-ins, in order: the
+    files are found and read once for all sections."""
     files: list[str] = []
     for d in CONF_PARENTS:
         p = chase(root, f"{d}/{base}", must_exist=True)
@@ -123,7 +129,7 @@ def read_ini_items(root: str, base: str, section: str) -> list[tuple[str, str, s
             if name.endswith(".conf") and name not in dropins:
                 dropins[name] = os.path.join(dd, name)
     files.extend(dropins[n] for n in sorted(dropins))
-    result: list[tuple[str, str, str]] = []
+    result: list[tuple[str, str, str, str]] = []
     for f in files:
         try:
             with open(f, encoding="utf-8", errors="replace") as fh:
@@ -139,10 +145,10 @@ def read_ini_items(root: str, base: str, section: str) -> list[tuple[str, str, s
             if line.startswith("[") and line.endswith("]"):
                 current = line[1:-1]
                 continue
-            if current != section or "=" not in line:
+            if current is None or "=" not in line:
                 continue
             k, _, v = line.partition("=")
-            result.append((k.strip(), v.strip(), f))
+            result.append((current, k.strip(), v.strip(), f))
     return result
 
 
@@ -229,8 +235,9 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
     if image_policy is None:
         image_policy = conf.get("ImagePolicy")
     ours = f"overlayctl/{cls.name}.conf"
+    ours_items = read_ini_all(root, ours)      # [Defaults] and [Cleanup], read once
     dflt: dict[str, str] = {}
-    for h, d in read_ini(root, ours, "Defaults").items():
+    for h, d in {k: v for sec, k, v, _ in ours_items if sec == "Defaults"}.items():
         if h in all_h:
             dflt[h] = d
         else:
@@ -239,7 +246,7 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
         h = h or ("/etc" if cls.name == "confext" else "")
         if h in all_h:
             dflt[h] = d
-    keep = read_ini(root, ours, "Cleanup").get("KeepDefaults", "")
+    keep = {k: v for sec, k, v, _ in ours_items if sec == "Cleanup"}.get("KeepDefaults", "")
     return Settings(
         root=root, cls=cls, hierarchies=hierarchies if hierarchies is not None else all_h,
         mutable=mutable, mutable_source=source,
