@@ -204,14 +204,15 @@ def _targets(root: str, paths: list[str]) -> dict[tuple[ExtClass, str], list[str
 
 
 def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
-    return [j for _, _, j in iter_diff(root, paths)]
+    return [j for _, _, j in iter_diff(root, paths) if j is not None]
 
 
-def iter_diff(root: str, paths: list[str], progress: Progress | None = None
-              ) -> Iterator[tuple[Stack, Change, dict[str, Any]]]:
+def iter_diff(root: str, paths: list[str], progress: Progress | None = None, *,
+              rows: bool = True) -> Iterator[tuple[Stack, Change, dict[str, Any] | None]]:
     """(stack, change, JSON row) of every local change, hierarchy by hierarchy, each in
-    path order, one at a time. Every hierarchy's layers are opened (and every error about
-    them raised) before the first change comes."""
+    path order, one at a time (without ROWS, no JSON rows are made: None). Every
+    hierarchy's layers are opened (and every error about them raised) before the first
+    change comes."""
     with ExitStack() as stack:
         opened: list[tuple[Stack, list[str]]] = []
         for (cls, h), rels in _targets(root, paths).items():
@@ -223,11 +224,14 @@ def iter_diff(root: str, paths: list[str], progress: Progress | None = None
             opened.append((st, rels))
         for st, rels in opened:
             assert st.upper is not None
-            m = state.load_manifest(root, st.cls.name, st.hierarchy)
-            pinned = set(m.pinned)
+            m = state.load_manifest(root, st.cls.name, st.hierarchy) if rows else None
+            pinned = set(m.pinned) if m is not None else set()
             for c in iter_changes(st.upper, st.layers, [r for r in rels if r] or None):
                 if progress is not None:
                     progress.tick()
+                if m is None:
+                    yield st, c, None
+                    continue
                 j = c.as_json(st.hierarchy)
                 j["default_changed"] = _default_changed(c, m)
                 j["pinned"] = c.rel in pinned

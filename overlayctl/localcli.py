@@ -27,13 +27,13 @@ def run(verb: str, words: list[str], args: Args) -> int:
         # the widths, pretty JSON for the whole value.
         streaming = args.content or args.json == "short"
         with Progress("entries read", streaming=streaming) as progress:
-            changes = local.iter_diff(root, words, progress)
             if args.content:
-                return _content(changes)
+                return _content(local.iter_diff(root, words, progress, rows=False))
+            changes = local.iter_diff(root, words, progress)
             if args.json == "short":
-                _stream_json(j for _, _, j in changes)
+                _stream_json(j for _, _, j in changes if j is not None)
                 return 0
-            rows = [j for _, _, j in changes]
+            rows = [j for _, _, j in changes if j is not None]
             progress.clear()
         if args.json != "off":
             emit_json(rows, args.json)
@@ -113,12 +113,12 @@ def _stream_json(rows: Iterator[dict[str, Any]], batch: int = 256) -> None:
     out.write("[]\n" if first else "]\n")
 
 
-def _content(changes: Iterator[tuple[local.Stack, Change, dict[str, Any]]]) -> int:
+def _content(changes: Iterator[tuple[local.Stack, Change, dict[str, Any] | None]]) -> int:
     """diff --content: a unified diff of each modified or added file against the entry
     below it (what the walk found), written as soon as it is made. Identical copies have
     nothing to show and are not read again."""
     import difflib
-    for st, c, r in changes:
+    for st, c, _ in changes:
         if c.change not in ("modified", "added"):
             continue
         assert st.upper is not None
@@ -128,7 +128,9 @@ def _content(changes: Iterator[tuple[local.Stack, Change, dict[str, Any]]]) -> i
         low = c.lower
         new = _lines(up)
         old = _lines(low.path) if low and os.path.isfile(low.path) else []
-        fromfile, tofile = f"a{r['path']} ({r['layer'] or 'none'})", f"b{r['path']} (upper)"
+        path = os.path.join(st.hierarchy, c.rel)       # as the row's "path" and "layer"
+        layer = low.layer.role if low else "none"
+        fromfile, tofile = f"a{path} ({layer})", f"b{path} (upper)"
         if old:
             sys.stdout.writelines(difflib.unified_diff(old, new, fromfile=fromfile,
                                                        tofile=tofile))

@@ -160,19 +160,19 @@ _CHUNK = 1 << 16
 
 def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     """Equal in content, mode, owner and xattrs (overlay's own excluded); mtime ignored."""
-    if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
+    ma, mb = sa.st_mode, sb.st_mode
+    fmt = ma & _IFMT
+    if fmt != mb & _IFMT or sa.st_uid != sb.st_uid or sa.st_gid != sb.st_gid:
         return False
-    if (sa.st_uid, sa.st_gid) != (sb.st_uid, sb.st_gid):
+    if fmt != _IFLNK and ma & 0o7777 != mb & 0o7777:
         return False
-    if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
-        return False
-    if stat.S_ISREG(sa.st_mode):
+    if fmt == _IFREG:
         if sa.st_size != sb.st_size or not _same_bytes(a, b, sa.st_size):
             return False
-    elif stat.S_ISLNK(sa.st_mode):
+    elif fmt == _IFLNK:
         if os.readlink(a) != os.readlink(b):
             return False
-    elif (stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode)) and sa.st_rdev != sb.st_rdev:
+    elif fmt in (_IFCHR, _IFBLK) and sa.st_rdev != sb.st_rdev:
         return False
     return _xattrs(a) == _xattrs(b)
 
@@ -388,7 +388,8 @@ def iter_changes(upper: str, layers: list[LayerRef],
             frames.pop()
 
 
-_IFMT, _IFDIR, _IFREG, _IFCHR = 0o170000, stat.S_IFDIR, stat.S_IFREG, stat.S_IFCHR
+_IFMT, _IFDIR, _IFREG, _IFCHR, _IFBLK, _IFLNK = (0o170000, stat.S_IFDIR, stat.S_IFREG,
+                                                 stat.S_IFCHR, stat.S_IFBLK, stat.S_IFLNK)
 if TYPE_CHECKING:
     # A directory being walked: its path, the lower directories that make it up, what they
     # show, their subdirectories, the directories below it still to walk, its entries in order.
