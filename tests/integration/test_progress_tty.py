@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import subprocess
 import sys
 
@@ -31,12 +32,13 @@ def flatcar(root: Root, n: int) -> None:
 
 
 def read_all(fd: int) -> str:
-    os.set_blocking(fd, False)
+    """Everything the terminal got (the pty hands output over asynchronously: read until
+    nothing more comes for a while)."""
     out = b""
-    while True:
+    while select.select([fd], [], [], 0.3)[0]:
         try:
             chunk = os.read(fd, 65536)
-        except (BlockingIOError, OSError):
+        except OSError:
             break
         if not chunk:
             break

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import sys
 from collections.abc import Iterator
 
@@ -26,11 +27,18 @@ def tty() -> Iterator[tuple[io.TextIOWrapper, int]]:
 
 
 def shown(master: int) -> str:
-    os.set_blocking(master, False)
-    try:
-        return os.read(master, 65536).decode()
-    except BlockingIOError:
-        return ""
+    """Everything the terminal got (the pty hands output over asynchronously: read until
+    nothing more comes for a while)."""
+    out = b""
+    while select.select([master], [], [], 0.3)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out.decode()
 
 
 @pytest.fixture
