@@ -57,7 +57,7 @@ def plot_matplotlib(res: dict[str, Any], path: Path) -> None:
 
     plt.rcParams["svg.fonttype"] = "none"
     plt.rcParams["svg.hashsalt"] = "overlayctl"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     for ax, cls in zip(axes, CLASSES, strict=True):
         top = 0.0
         for s in series(res):
@@ -79,10 +79,11 @@ def plot_matplotlib(res: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("number of extensions")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0, top=max(top, fl or 0) * 1.1 or 1)
-        ax.legend(fontsize=7, loc="upper left")
     axes[0].set_ylabel("wall time of the merge process (ms)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(TITLE, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, metadata={"Date": None})
 
 
