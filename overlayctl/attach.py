@@ -101,8 +101,10 @@ def build_all(locked: Locked, settings: Settings, plans: list[HierarchyPlan], or
     return Staged(settings, built, carried, covered, replace)
 
 
-def _attach_one(st: Staged, b: Built) -> str | None:
-    """Attach one overlay (beneath the old one on a refresh); returns the old work dir."""
+def _attach_one(st: Staged, b: Built, stack: ExitStack) -> tuple[str | None, int | None]:
+    """Attach one overlay (beneath the old one on a refresh). Returns the old work dir, and
+    a clone of the old overlay (owned by STACK) that the rollback puts back if a later
+    attach fails: the old mount itself is detached by the swap."""
     cls = st.settings.cls
     t = b.plan.target
     h = b.plan.hierarchy
@@ -111,8 +113,10 @@ def _attach_one(st: Staged, b: Built) -> str | None:
         b.created.append(t)
     faults.checkpoint("attach", h)
     old_work = None
+    backup = None
     if st.replace and is_ours(t, cls):
         old_work = metadata.read_merged(t, cls).work_dir
+        backup = k.owned(stack, k.open_tree(t, recursive=True))
         if stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h):
             # The upstream order, with a gap: after an interrupted refresh left overlays
             # stacked, or without MOVE_MOUNT_BENEATH (Linux < 6.5).
@@ -125,37 +129,41 @@ def _attach_one(st: Staged, b: Built) -> str | None:
     else:
         k.move_mount(b.fd, t)
     faults.checkpoint("attached", h)
-    return old_work
+    return old_work, backup
 
 
 def attach_all(locked: Locked, staged: list[Staged]) -> None:
     """Attach every staged overlay, in order. If one fails, every overlay this call
-    attached is taken down again and what it created removed (a hierarchy that was swapped
-    on a refresh is then left unmerged: its old overlay is already detached). After the
-    last attach: covered originals of nested mounts are detached, old work dirs removed."""
-    attached: list[tuple[Staged, Built, str | None]] = []
-    try:
-        for st in staged:
-            for b in st.built:
-                old_work = _attach_one(st, b)
-                attached.append((st, b, old_work))
-                _graft_binds(b, attached=True)
-                for c in st.carried.get(b.plan.target, []):
-                    nested.graft(c, onto=b.plan.target)
-    except BaseException:
-        for _, b, _ in reversed(attached):
-            try:
-                k.umount(b.plan.target)
-            except OSError:
-                pass
-        for st in staged:
-            for b in st.built:
-                undo_created(b.created)
-        raise
+    attached is taken down again, a hierarchy swapped on a refresh gets its old overlay
+    back (a clone of it, taken just before the swap), and what the call created is removed.
+    After the last attach: covered originals of nested mounts are detached, old work dirs
+    removed."""
+    attached: list[tuple[Staged, Built, str | None, int | None]] = []
+    with ExitStack() as backups:
+        try:
+            for st in staged:
+                for b in st.built:
+                    old_work, backup = _attach_one(st, b, backups)
+                    attached.append((st, b, old_work, backup))
+                    _graft_binds(b, attached=True)
+                    for c in st.carried.get(b.plan.target, []):
+                        nested.graft(c, onto=b.plan.target)
+        except BaseException:
+            for _, b, _, backup in reversed(attached):
+                try:
+                    k.umount(b.plan.target)
+                    if backup is not None:
+                        k.move_mount(backup, b.plan.target)
+                except OSError as e:
+                    log.error(f"could not restore {b.plan.target}: {e.strerror}")
+            for st in staged:
+                for b in st.built:
+                    undo_created(b.created)
+            raise
     # Past the point of return: nothing below fails the merge.
     for st in staged:
         st.covered.detach()
-    for st, b, old_work in attached:
+    for st, b, old_work, _ in attached:
         for w in b.stale:
             import shutil
             shutil.rmtree(w, ignore_errors=True)
