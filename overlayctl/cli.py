@@ -15,6 +15,7 @@ from overlayctl.settings import (
     Settings,
     load_settings,
     parse_defaults_arg,
+    parse_image_policy,
     parse_mutable,
 )
 
@@ -65,7 +66,9 @@ Options:
      --always-refresh=BOOL
                         Refresh even when nothing changed
      --image-policy=POLICY
-                        Which raw images may be merged (systemd.image-policy(7))
+                        Which raw images may be merged, and how they must be protected
+                        (dm-verity, signed; systemd.image-policy(7)). Default: any
+                        protection of the root and /usr partitions (/etc: root only)
      --dry-run          With merge or refresh: print the plan, mount nothing;
                         with reset or cleanup: say what would be done
      --defaults=[HIERARCHY=]DIR
@@ -206,6 +209,10 @@ def run(argv: list[str]) -> int:
     classes = list(CLASSES) if not words or words[0] not in CLASSES else [words.pop(0)]
     verb = words.pop(0) if words else "status"
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
+    if args.image_policy is not None:
+        # As upstream: a policy that does not parse fails every verb, before anything is
+        # looked at.
+        parse_image_policy(args.image_policy)
     if verb in LOCAL_VERBS:
         args.root = _root(args.root)
         from overlayctl import localcli

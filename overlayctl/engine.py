@@ -31,6 +31,9 @@ TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs 
 if TYPE_CHECKING:
     from typing import Any
 
+    from overlayctl.policy import ImagePolicy
+    from overlayctl.rawimage import ImagePlan
+
 
 def require_root(what: str = "merge or unmerge") -> None:
     if os.geteuid() != 0:
@@ -41,16 +44,43 @@ def require_root(what: str = "merge or unmerge") -> None:
 # Discovery
 
 
-def _mount_raw(img: Image, stack: ExitStack) -> Image:
+def _policy_for(s: Settings, img: Image) -> ImagePolicy:
+    """The image policy for IMG: --image-policy= or ImagePolicy=, else the class default
+    (the strict ones for what systemd-stub put in /.extra/ of an initrd)."""
+    from overlayctl.policy import pick_policy
+    return pick_policy(s.cls.name, inside(s.root, img.entry), s.image_policy,
+                       in_initrd=s.initrd)
+
+
+def checked_images(s: Settings) -> list[tuple[Image, ImagePlan | None]]:
+    """Every image of S's class, raw ones inspected: file system or partitions, verity
+    data, image policy, device-mapper (rawimage.inspect). Reads files only: no device
+    exists yet, and one refused image fails the call. Directory extensions are not subject
+    to image policies (as upstream)."""
+    out: list[tuple[Image, ImagePlan | None]] = []
+    for img in discover(s):
+        plan = None
+        if img.type in ("raw", "block"):
+            from overlayctl import rawimage
+            plan = rawimage.inspect(img.path, _policy_for(s, img), cls_name=s.cls.name,
+                                    cert_root=s.root)
+        out.append((img, plan))
+    return out
+
+
+def _mount_raw(s: Settings, img: Image, plan: ImagePlan, stack: ExitStack) -> Image:
     """Mount a raw image (detached) for the rest of the call: its root becomes the image's
     path, the file is kept as its source."""
     from overlayctl import rawimage
-    fd, usr_only = rawimage.mount_image(img.path, stack)
-    return img.replace(source=img.path, path=f"/proc/self/fd/{fd}", usr_root=usr_only)
+    fd, usr_only, prot = rawimage.mount_image(plan, stack, cert_root=s.root)
+    return img.replace(source=img.path, path=f"/proc/self/fd/{fd}", usr_root=usr_only,
+                       protection=prot)
 
 
-def accepted_images(s: Settings, stack: ExitStack) -> list[Image]:
-    """The compatible images of S's class, in version order (raw ones mounted)."""
+def accepted_images(s: Settings, stack: ExitStack,
+                    checked: list[tuple[Image, ImagePlan | None]] | None = None) -> list[Image]:
+    """The compatible images of S's class, in version order (raw ones mounted). CHECKED:
+    what checked_images() found (the call checks every class's images first)."""
     host = host_os_release(s.root)
     if not host:
         raise die(f"the root {s.root} has no os-release (etc/os-release or "
@@ -59,9 +89,9 @@ def accepted_images(s: Settings, stack: ExitStack) -> list[Image]:
         raise die(f"the host os-release in {s.root} has no ID=",
                   "add ID= to etc/os-release or usr/lib/os-release in the root")
     images = []
-    for img in discover(s):
-        if img.type in ("raw", "block"):
-            img = _mount_raw(img, stack)
+    for img, plan in checked_images(s) if checked is None else checked:
+        if plan is not None:
+            img = _mount_raw(s, img, plan, stack)
         images.append(read_metadata(s, img))
     scope = "initrd" if s.initrd else "system"
     accepted: list[Image] = []
@@ -99,6 +129,13 @@ def origin_of(s: Settings, plans: list[HierarchyPlan], accepted: list[Image]) ->
     exts: dict[str, dict[str, Any]] = {}
     for img in accepted:
         src = img.source or img.path
+        prot = img.protection
+        if prot is not None and prot.root_hash is not None:
+            # The root hash names the content (dm-verity checks every block against it):
+            # a copy of the same image, or the same image touched, is no change.
+            exts[img.name] = {"path": inside(root, src), "root_hash": prot.root_hash,
+                              "protection": prot.kind}
+            continue
         st = os.stat(src)
         exts[img.name] = {"path": inside(root, src), "inode": st.st_ino, "dev": st.st_dev,
                           "mtime": st.st_mtime_ns // 1000}
@@ -164,11 +201,12 @@ class Prepared:
         self.journal = journal
 
 
-def _prepare(locked: Locked | None, s: Settings, refresh: bool,
-             stack: ExitStack) -> Prepared | list[dict[str, Any]] | None:
+def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack,
+             checked: list[tuple[Image, ImagePlan | None]] | None = None
+             ) -> Prepared | list[dict[str, Any]] | None:
     """Step 1 for one class: the plans (returned for --dry-run), or the staged overlays;
     None when there is nothing to do (an unchanged refresh)."""
-    accepted = accepted_images(s, stack)
+    accepted = accepted_images(s, stack, checked)
     targets = [(h, t) for h in s.hierarchies
                if (t := chase(s.root, h, must_exist=True)) is not None]
     merged = [t for _, t in targets if os.path.isdir(t) and live.is_ours(t, s.cls)]
@@ -234,9 +272,10 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
     or nothing. Returns the plans (as JSON) for --dry-run."""
     if settings and settings[0].dry_run:
         plans: list[dict[str, Any]] = []
-        for s in settings:
+        checked = [checked_images(s) for s in settings]
+        for s, c in zip(settings, checked, strict=True):
             with ExitStack() as stack:
-                got = _prepare(None, s, refresh, stack)
+                got = _prepare(None, s, refresh, stack, c)
                 if isinstance(got, list):
                     plans.extend(got)
         return plans
@@ -249,9 +288,12 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
 def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
     """merge or refresh under a lock the caller holds (local verbs rebuild through this)."""
     with ExitStack() as stack:
+        # Every raw image of every class passes the image policy (and the other checks
+        # that need no device) before the first loop or dm device exists.
+        checked = [checked_images(s) for s in settings]
         prepared: list[Prepared] = []
-        for s in settings:
-            got = _prepare(locked, s, refresh, stack)
+        for s, c in zip(settings, checked, strict=True):
+            got = _prepare(locked, s, refresh, stack, c)
             if isinstance(got, Prepared):
                 prepared.append(got)
         if not prepared:
@@ -296,13 +338,14 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
 
 def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
     """Put a rebuilt overlay of one hierarchy in place after its raw upper changed (reset,
-    cleanup): the same mode, options and defaults as its record says, swapped in atomically.
-    Quietly: the messages of a merge mean nothing to the user of reset or cleanup."""
+    cleanup): the same mode, options, defaults and image policy as its record says, swapped
+    in atomically. Quietly: the messages of a merge mean nothing to the user of reset or
+    cleanup."""
     from overlayctl.settings import load_settings
     defaults = {rec.hierarchy: rec.defaults} if rec.defaults else None
     s = load_settings(root, rec.cls, cli_mutable=rec.mode, noexec=rec.noexec,
                       always_refresh=True, no_reload=True, defaults=defaults, force=rec.force,
-                      hierarchies=(rec.hierarchy,))
+                      hierarchies=(rec.hierarchy,), image_policy=rec.image_policy)
     s = s.replace(overlay_options=rec.mount_options)
     with log.quiet():
         run(locked, [s], refresh=True)
@@ -457,6 +500,12 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
                                    if os.path.isdir(eph) else None)
                 row["ephemeral"] = True
             row["defaults"] = rec.defaults if rec else None
+            if rec is not None:
+                # Raw images: how each is protected (verity, signature), as merged.
+                prot = {la.name: la.protection for la in rec.layers
+                        if la.role == "extension" and la.name and la.protection}
+                if prot:
+                    row["protection"] = prot
         detached = state.detached_alive(s.root, s.cls.name, h)
         if detached:
             row["detached"] = detached
@@ -465,8 +514,40 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
 
 
 def list_rows(s: Settings) -> list[dict[str, Any]]:
-    return [{"name": img.name, "type": img.type, "path": img.path, "time": img.mtime_us,
-             "class": s.cls.name} for img in discover(s)]
+    """Every image of S's class (upstream's keys, plus "class"); raw images also say how
+    they are protected and whether the image policy allows them ("refused": why not).
+    Refused and broken images are listed too."""
+    rows = []
+    for img in discover(s):
+        row: dict[str, Any] = {"name": img.name, "type": img.type, "path": img.path,
+                               "time": img.mtime_us, "class": s.cls.name}
+        if img.type in ("raw", "block"):
+            row.update(_list_protection(s, img))
+        rows.append(row)
+    return rows
+
+
+def _list_protection(s: Settings, img: Image) -> dict[str, Any]:
+    from overlayctl import rawimage
+    from overlayctl.policy import ALLOW_POLICY, PolicyRefused, policy_to_string
+    pol = _policy_for(s, img)
+    out: dict[str, Any] = {"protection": None, "root_hash": None,
+                           "policy": policy_to_string(pol), "refused": None}
+    try:
+        plan = rawimage.inspect(img.path, pol, cls_name=s.cls.name, activate=False)
+    except PolicyRefused as e:
+        out["refused"] = e.message
+        try:
+            plan = rawimage.inspect(img.path, ALLOW_POLICY, cls_name=s.cls.name,
+                                    activate=False)
+        except OverlayctlError:
+            return out
+    except OverlayctlError as e:
+        out["refused"] = e.message
+        return out
+    out["protection"] = plan.protection.kind
+    out["root_hash"] = plan.protection.root_hash
+    return out
 
 
 __all__ = ["OverlayctlError", "merge", "rebuild", "run", "status_rows", "unmerge"]

@@ -13,12 +13,17 @@ from overlayctl.release import ReleaseLookup, find_extension_release, valid_imag
 from overlayctl.settings import ExtClass, Settings
 from overlayctl.versions import version_key
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from overlayctl.verity import Protection
+
 
 class Image(Record):
     """An extension found in a search directory. Discovery fills it in steps, each a
     replace(): found, then (raw images) mounted, then its release file read."""
 
-    __slots__ = ("name", "type", "path", "entry", "mtime_us", "release", "source", "usr_root")
+    __slots__ = ("name", "type", "path", "entry", "mtime_us", "release", "source", "usr_root",
+                 "protection")
     name: str
     type: str                 # directory, raw, block
     path: str                 # resolved host path
@@ -27,10 +32,11 @@ class Image(Record):
     release: ReleaseLookup | None
     source: str | None        # raw images: the image file; path is then its mounted root
     usr_root: bool            # the mounted root is the image's /usr (a /usr partition)
+    protection: Protection | None   # raw images, once mounted: verity, signature, policy
 
     def __init__(self, name: str, type: str, path: str, entry: str, mtime_us: int = 0,
                  release: ReleaseLookup | None = None, source: str | None = None,
-                 usr_root: bool = False) -> None:
+                 usr_root: bool = False, protection: Protection | None = None) -> None:
         self._fill(locals())
 
     def tree_path(self, path: str) -> str | None:

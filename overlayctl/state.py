@@ -65,12 +65,14 @@ def _read(path: str) -> dict[str, Any] | None:
 
 
 class RecordedLayer(Record):
-    __slots__ = ("role", "name", "path")
+    __slots__ = ("role", "name", "path", "protection")
     role: LayerRole
     name: str | None
     path: str | None          # as seen inside the root (raw images: the image file)
+    protection: dict[str, str | None] | None   # raw images: verity.Protection.to_json()
 
-    def __init__(self, role: LayerRole, name: str | None, path: str | None) -> None:
+    def __init__(self, role: LayerRole, name: str | None, path: str | None,
+                 protection: dict[str, str | None] | None = None) -> None:
         self._fill(locals())
 
 
@@ -78,7 +80,7 @@ class MergeRecord(Record):
     """How a hierarchy was merged, as overlayctl knows it (paths as seen inside the root)."""
 
     __slots__ = ("cls", "hierarchy", "mode", "upper", "upperdir", "workdir", "layers",
-                 "noexec", "force", "mount_options", "defaults", "since")
+                 "noexec", "force", "mount_options", "defaults", "since", "image_policy")
     cls: str
     hierarchy: str
     mode: MutableMode
@@ -91,11 +93,12 @@ class MergeRecord(Record):
     mount_options: str | None
     defaults: str | None
     since: int                # when it was merged, µs since the epoch
+    image_policy: str | None  # --image-policy= or ImagePolicy= as given (None: defaults)
 
     def __init__(self, *, cls: str, hierarchy: str, mode: MutableMode, upper: UpperKind | None,
                  upperdir: str | None, workdir: str | None, layers: tuple[RecordedLayer, ...],
                  noexec: bool | None, force: bool, mount_options: str | None,
-                 defaults: str | None, since: int) -> None:
+                 defaults: str | None, since: int, image_policy: str | None = None) -> None:
         self._fill(locals())
 
     def to_json(self) -> dict[str, Any]:
@@ -104,7 +107,7 @@ class MergeRecord(Record):
                 "layers": [la.fields() for la in self.layers], "overlayctl": True,
                 "noexec": self.noexec, "force": self.force,
                 "mount_options": self.mount_options, "defaults": self.defaults,
-                "since": self.since}
+                "since": self.since, "image_policy": self.image_policy}
 
     @classmethod
     def from_json(cls, j: dict[str, Any]) -> MergeRecord | None:
@@ -117,14 +120,18 @@ class MergeRecord(Record):
             upper = j.get("upper")
             if upper not in (None, "persistent", "host", "ephemeral"):
                 return None
-            layers = tuple(RecordedLayer(la["role"], la.get("name"), la.get("path"))
+            layers = tuple(RecordedLayer(la["role"], la.get("name"), la.get("path"),
+                                         la.get("protection") if isinstance(
+                                             la.get("protection"), dict) else None)
                            for la in j.get("layers", []))
             return MergeRecord(
                 cls=str(j["class"]), hierarchy=str(j["hierarchy"]), mode=mode, upper=upper,
                 upperdir=j.get("upperdir"), workdir=j.get("workdir"), layers=layers,
                 noexec=j.get("noexec"), force=bool(j.get("force")),
                 mount_options=j.get("mount_options"), defaults=j.get("defaults"),
-                since=int(j.get("since") or 0))
+                since=int(j.get("since") or 0),
+                image_policy=j.get("image_policy") if isinstance(j.get("image_policy"),
+                                                                 str) else None)
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 

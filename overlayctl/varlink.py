@@ -618,6 +618,9 @@ def _options(argv: list[str], parser: Callable[[list[str]], Any]) -> Options:
         if mutable is None:
             raise die(f"failed to parse argument to --mutable=: {args.mutable}",
                       f"use one of {', '.join(MUTABLE_MODES)}, or a boolean")
+    if args.image_policy is not None:
+        from overlayctl.settings import parse_image_policy
+        parse_image_policy(args.image_policy)
     root = os.path.realpath(args.root)
     if not os.path.isdir(root):
         raise die(f"--root={args.root}: no such directory", "give an existing directory")

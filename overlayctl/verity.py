@@ -1131,3 +1131,40 @@ def _signer_name(sid: object) -> str:
         return f"subject key identifier {chosen.native.hex()}"
     except (AttributeError, KeyError, ValueError):
         return "unknown signer"
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) What list, status and the merge record say about a raw image
+
+class Protection(Record):
+    """How a raw image is (or would be) mounted: ``kind`` is what it offers the policy
+    ("unprotected", "verity" or "signed"), ``designator`` the partition used ("root" or
+    "usr"), ``root_hash`` hex, ``signature`` how the signature was checked once activated
+    ("kernel", "userspace", or "unchecked" under $SYSTEMD_DISSECT_VERITY_SIGNATURE=0; None
+    before activation or without one), ``policy`` the image policy it was checked against."""
+
+    __slots__ = ("kind", "designator", "root_hash", "signature", "policy")
+    kind: str
+    designator: str
+    root_hash: str | None
+    signature: str | None
+    policy: str
+
+    def __init__(self, kind: str, designator: str, root_hash: str | None,
+                 signature: str | None, policy: str) -> None:
+        self._fill(locals())
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"protection": self.kind, "designator": self.designator,
+                "root_hash": self.root_hash, "signature": self.signature,
+                "policy": self.policy}
+
+    @classmethod
+    def from_json(cls, j: object) -> Protection | None:
+        if not isinstance(j, dict) or j.get("protection") not in ("unprotected", "verity",
+                                                                    "signed"):
+            return None
+        return cls(str(j["protection"]), str(j.get("designator") or "root"),
+                   j.get("root_hash") if isinstance(j.get("root_hash"), str) else None,
+                   j.get("signature") if isinstance(j.get("signature"), str) else None,
+                   str(j.get("policy") or ""))
