@@ -163,7 +163,14 @@ def inspect(path: str, pol: ImagePolicy, *, cls_name: str = "sysext", cert_root:
         if fs is not None:
             side = V.load_sidecars(path)
             kind = side.protection()
-            P.check_single_filesystem(pol, path, kind, fs)
+            try:
+                P.check_single_filesystem(pol, path, kind, fs)
+            except P.PolicyRefused as e:
+                if kind != "unprotected" and P.allows(pol, "root", "unprotected"):
+                    # As systemd: the policy cannot make it drop sidecar verity data.
+                    e.hint = ("the image has verity sidecars; set "
+                              "SYSTEMD_DISSECT_VERITY_SIDECAR=0 to mount it without verity")
+                raise
             region = Region(fs, 0, 0, "file system")
             _check_size(f, path, region, size)
             designator = "root"
@@ -207,6 +214,9 @@ def inspect(path: str, pol: ImagePolicy, *, cls_name: str = "sysext", cert_root:
                             usr_only=d == "usr")
             _check_size(f, path, region, region.size)
             kind = "unprotected"
+            if f"{d}-verity" in found and f"{d}-verity" not in used:
+                log.info(f"Using partition '{d}' of {path} without its verity data: the image "
+                         f"policy '{shown}' ignores the verity partition.")
             if f"{d}-verity" in used:
                 kind = "signed" if f"{d}-verity-sig" in used else "verity"
                 vs = ddi.verity
@@ -271,8 +281,8 @@ def _userspace_check(path: str, v: VerityPlan, cert_root: str) -> SignatureCheck
 def _no_dm_hint(v: VerityPlan, designator: str) -> str:
     load = "load the dm_mod and dm_verity kernel modules (modprobe dm_verity)"
     if v.sidecar:
-        return (f"{load}, or set SYSTEMD_DISSECT_VERITY_SIDECAR=0 to mount it without verity "
-                "(as systemd: no image policy can waive sidecar verity data)")
+        return (f"{load}, or set SYSTEMD_DISSECT_VERITY_SIDECAR=0 to mount it without verity, "
+                "as systemd does (no image policy can waive sidecar verity data)")
     return (f"{load}, or pass --image-policy={designator}=unprotected to use the partition "
             "without its verity data")
 
