@@ -58,7 +58,7 @@ def _policy_text(settings: Settings) -> str | None:
     if settings.image_policy is None:
         return None
     from overlayctl.policy import policy_to_string
-    return policy_to_string(settings.image_policy, simplify=False)
+    return policy_to_string(settings.image_policy)
 
 
 def undo_created(created: list[str]) -> None:
