@@ -13,6 +13,7 @@ Nothing visible changes before step 2, so a call that fails in step 1 changes no
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import ExitStack
 
@@ -90,9 +91,18 @@ def accepted_images(s: Settings, stack: ExitStack,
                   "add ID= to etc/os-release or usr/lib/os-release in the root")
     images = []
     for img, plan in checked_images(s) if checked is None else checked:
-        if plan is not None:
-            img = _mount_raw(s, img, plan, stack)
-        images.append(read_metadata(s, img))
+        if plan is None:
+            images.append(read_metadata(s, img))
+            continue
+        img = _mount_raw(s, img, plan, stack)
+        try:
+            images.append(read_metadata(s, img))
+        except OSError as e:
+            # Reading inside a mounted image: EIO is dm-verity refusing a damaged block.
+            raise die(f"cannot read the release file of image {img.source}: {e.strerror}",
+                      "the image is damaged: a block does not match its verity hash tree "
+                      "(see dmesg); copy it again" if plan.verity is not None and
+                      e.errno == errno.EIO else "check the image") from None
     scope = "initrd" if s.initrd else "system"
     accepted: list[Image] = []
     ignored = 0

@@ -24,7 +24,7 @@ status is 0 only if nothing failed. The scenarios:
    turned off (SYSTEMD_ALLOW_USERSPACE_VERITY=0), an unsigned image under a signed-only
    policy: each fails the merge, nothing merged, no dm or loop device left;
 4. a flipped byte in a data block: reading that file through the merged /usr fails with EIO,
-   the rest still reads;
+   the rest still reads; in the release file: the merge fails with one line, nothing left;
 5. refresh: unchanged (skipped), the image copied to a new inode (skipped: same root hash),
    --always-refresh=yes (re-merged on the same, shared dm device: still one device);
 6. the Flatcar model on the guest's real /etc: a signed verity confext in /usr/lib/confexts,
@@ -109,25 +109,28 @@ def build(out: Path) -> int:
     sidecar("vbravo", bravo)
     ddi("vddi", alpha)
     ddi("vddiu", None)
-    # A flipped byte in one file's data, after the hash tree was made. Uncompressed squashfs
-    # (every file in blocks of its own), so the byte is that file's.
-    tree = img / "vflip.tree"
-    (tree / "usr/lib/extension-release.d").mkdir(parents=True)
-    (tree / "usr/lib/extension-release.d/extension-release.vflip").write_text("ID=_any\n")
-    (tree / "usr/share/vguest").mkdir(parents=True)
-    (tree / "usr/share/vguest/damaged").write_text("D" * 65536)
-    (tree / "usr/share/vguest/intact").write_text("I" * 65536)
-    raw = img / "vflip.raw"
-    vb.run("mksquashfs", tree, raw, "-quiet", "-noappend", "-all-root", "-noI", "-noD", "-noF",
-           "-noX")
-    shutil.rmtree(tree)
-    rh = vb.verity_format(raw, img / "vflip.verity")
-    (img / "vflip.roothash").write_text(rh.hex() + "\n")
-    data = bytearray(raw.read_bytes())
-    data[data.index(b"D" * 8192) + 4096] ^= 0x01
-    raw.write_bytes(bytes(data))
-    cases["vflip"] = {"files": ["vflip.raw", "vflip.roothash", "vflip.verity"],
-                      "root_hash": rh.hex(), "signed": False}
+    # A flipped byte after the hash tree was made: in one file's data (vflip), or in the
+    # release file (vbadmeta). Uncompressed squashfs with 4 KiB blocks and no fragments, so
+    # that every 4 KiB verity block of file data is one file's.
+    for name, needle in (("vflip", b"D" * 8192), ("vbadmeta", b"ID=_any\n")):
+        tree = img / f"{name}.tree"
+        (tree / "usr/lib/extension-release.d").mkdir(parents=True)
+        (tree / f"usr/lib/extension-release.d/extension-release.{name}").write_text("ID=_any\n")
+        (tree / "usr/share/vguest").mkdir(parents=True)
+        (tree / "usr/share/vguest/damaged").write_text("D" * 65536)
+        (tree / "usr/share/vguest/intact").write_text("I" * 65536)
+        raw = img / f"{name}.raw"
+        vb.run("mksquashfs", tree, raw, "-quiet", "-noappend", "-all-root", "-noI", "-noD",
+               "-noF", "-noX", "-no-fragments", "-b", "4096")
+        shutil.rmtree(tree)
+        rh = vb.verity_format(raw, img / f"{name}.verity")
+        (img / f"{name}.roothash").write_text(rh.hex() + "\n")
+        data = bytearray(raw.read_bytes())
+        assert data.count(needle[:8]) >= 1
+        data[data.index(needle) + len(needle) // 2] ^= 0x01
+        raw.write_bytes(bytes(data))
+        cases[name] = {"files": [f"{name}.raw", f"{name}.roothash", f"{name}.verity"],
+                       "root_hash": rh.hex(), "signed": False}
     # The Flatcar default confext: verity, signed.
     conf = _confext(img, "flatcar", {"etc/flatcar/default.conf": "default v1\n",
                                      "etc/flatcar/untouched.conf": "untouched\n"})
@@ -365,6 +368,17 @@ def scenario_flip(g: Guest) -> None:
     settled(before, "flipped byte: after unmerge")
 
 
+def scenario_damaged_metadata(g: Guest) -> None:
+    before = loops()
+    root = g.root("vbadmeta")
+    r = oc(root, "sysext", "merge")
+    line = one_line(r)
+    check("damaged release file: merge fails with one line naming the image and the damage",
+          r.returncode == 1 and "vbadmeta.raw" in line and "damaged" in line, line)
+    check("damaged release file: nothing merged", not status_of(root, "/usr").get("merged"))
+    settled(before, "damaged release file")
+
+
 def scenario_refresh(g: Guest) -> None:
     before = loops()
     root = g.root("vplain")
@@ -468,6 +482,7 @@ def run(base: Path) -> int:
         scenario_signed(g)
     scenario_refusals(g)
     scenario_flip(g)
+    scenario_damaged_metadata(g)
     scenario_refresh(g)
     if have_crypto:
         scenario_flatcar(g)
