@@ -40,7 +40,8 @@ SIGNED_ONLY = "--image-policy=root=signed+absent:usr=signed+absent"
 
 
 class Images:
-    """Every image the tests use, built once: name -> the files that make it up."""
+    """Every image the tests use, built once: name -> the files that make it up (NAME.raw
+    and its sidecars)."""
 
     def __init__(self, d: Path) -> None:
         self.dir = d
@@ -54,9 +55,8 @@ class Images:
             s = vb.sidecar_image(d / name, name, self.keys[key] if key else None,
                                  files={f"usr/share/vtest/{name}": f"{name}\n", **files})
             self.sets[name] = sorted(p for p in (d / name).iterdir()
-                                     if p.name.startswith(f"{name}.") and p.suffix != ".tree"
-                                     and not p.name.endswith(".tree"))
-            assert s.image in self.sets[name]
+                                     if p.name.startswith(f"{name}.") and p.is_file())
+            assert s.image in self.sets[name] and len(self.sets[name]) == (4 if key else 3)
         for name, key in (("ddi", "alpha"), ("ddiu", None)):
             x = vb.ddi(d / name, name, sign_with=self.keys[key] if key else None,
                        files={f"usr/share/vtest/{name}": f"{name}\n"})
@@ -77,8 +77,7 @@ class Images:
         for n in names:
             for f in self.sets[n]:
                 shutil.copy(f, dest / f.name)
-            out.append(dest / self.sets[n][0].name if n not in ("sig", "ver", "sigb")
-                       else dest / f"{n}.raw")
+            out.append(dest / f"{n}.raw")
         return out
 
     def trust(self, root: Root, key: str) -> None:
