@@ -193,6 +193,8 @@ def _print_plan(p: dict[str, Any]) -> None:
         print(f"  work   {p['workdir']}")
     for layer in p["layers"]:
         label = layer["role"] + (f" {layer['name']}" if layer["name"] else "")
+        if layer["role"] == "import" and p.get("self_import"):
+            label += ": the hierarchy itself"
         print(f"  lower  {layer['path'] or '<private tmpfs>'}  [{label}]")
     print(f"  options {','.join(p['options']) or '-'}  flags {','.join(p['mount_flags'])}")
 
