@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
-LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup")
+LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup", "commit")
+COMMIT_OPTIONS = ("format", "output", "any", "verity", "sign_key", "certificate")
 HELP = """\
 usage: overlayctl [OPTIONS...] [sysext|confext] [VERB]
 
@@ -47,6 +48,9 @@ Local changes against the layers below the upper (merged or not; see docs/defaul
   cleanup [HIERARCHY...]
                     Drop identical copies, whiteouts of KeepDefaults paths, stale opaque
                     markers
+  sysext|confext commit NAME
+                    Capture the upper layers of the class into the extension NAME
+                    (/var/lib/confexts/NAME.raw, /var/lib/extensions/NAME.raw)
 
 Without sysext or confext, status, list, merge, unmerge and refresh act on both classes.
 
@@ -72,6 +76,13 @@ Options:
                         A tree of OS defaults (inside the root) as the lowest layer;
                         without HIERARCHY= it is for /etc
      --content          With diff: print a unified diff of each modified file
+     --format=squashfs|erofs|directory
+                        With commit: what to write (default squashfs)
+     --output=PATH      With commit: where to write it (inside the root)
+     --any              With commit: ID=_any instead of the host's ID and VERSION_ID
+     --verity           With commit: write NAME.verity and NAME.roothash
+     --sign-key=KEY --certificate=CRT
+                        With commit: also sign the root hash (NAME.roothash.p7s)
 """
 
 
@@ -106,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--defaults", action="append", default=[])
     p.add_argument("--content", action="store_true")
+    p.add_argument("--format")
+    p.add_argument("--output")
+    p.add_argument("--any", action="store_true")
+    p.add_argument("--verity", action="store_true")
+    p.add_argument("--sign-key")
+    p.add_argument("--certificate")
     return p
 
 
@@ -242,8 +259,12 @@ def run(argv: list[str]) -> int:
     classes = list(CLASSES) if not words or words[0] not in CLASSES else [words.pop(0)]
     verb = words.pop(0) if words else "status"
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
+    if verb != "commit" and any(getattr(args, o) for o in COMMIT_OPTIONS):
+        raise die("--format, --output, --any, --verity, --sign-key and --certificate go "
+                  "with commit only", "e.g. overlayctl confext commit site --verity")
     if verb in LOCAL_VERBS:
         args.root = _root(args.root)
+        args.classes = classes
         from overlayctl import localcli
         return localcli.run(verb, words, args)
     if verb not in VERBS:

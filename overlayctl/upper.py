@@ -129,8 +129,7 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
         return False
     if stat.S_ISREG(sa.st_mode):
-        import filecmp
-        if sa.st_size != sb.st_size or not filecmp.cmp(a, b, shallow=False):
+        if sa.st_size != sb.st_size or not _same_content(a, b):
             return False
     elif stat.S_ISLNK(sa.st_mode):
         if os.readlink(a) != os.readlink(b):
@@ -138,6 +137,27 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     elif (stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode)) and sa.st_rdev != sb.st_rdev:
         return False
     return _xattrs(a) == _xattrs(b)
+
+
+def open_noatime(path: str) -> int:
+    """A read-only fd of PATH that reading through leaves the atime alone (O_NOATIME needs
+    the owner or CAP_FOWNER; without it, a plain open): comparing an upper with the layers
+    below must not change either."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        return os.open(path, flags)
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(open_noatime(a), "rb") as fa, open(open_noatime(b), "rb") as fb:
+        while True:
+            ca, cb = fa.read(1 << 16), fb.read(1 << 16)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
 
 
 def digest(path: str, st: os.stat_result | None = None) -> str:
@@ -148,7 +168,7 @@ def digest(path: str, st: os.stat_result | None = None) -> str:
     h.update(f"{stat.S_IFMT(st.st_mode)}:{stat.S_IMODE(st.st_mode)}:{st.st_uid}:{st.st_gid}"
              .encode())
     if stat.S_ISREG(st.st_mode):
-        with open(path, "rb") as f:
+        with open(open_noatime(path), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 16), b""):
                 h.update(chunk)
     elif stat.S_ISLNK(st.st_mode):
@@ -382,6 +402,12 @@ def lower_dirs_below(upper: str | None, layers: list[LayerRef], parts: list[str]
             if r is not None:
                 dirs = _redirected(layers, parent_dirs, r)
     return dirs
+
+
+def redirected_dirs(layers: list[LayerRef], parent_dirs: LowerDirs, r: str) -> LowerDirs:
+    """The lower directories a renamed directory (redirect R) draws its content from: an
+    absolute R from the layers' root, a relative one among PARENT_DIRS (its parent's)."""
+    return _redirected(layers, parent_dirs, r)
 
 
 def _redirected(layers: list[LayerRef], parent_dirs: LowerDirs, r: str) -> LowerDirs:

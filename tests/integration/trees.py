@@ -30,7 +30,9 @@ def entry(path: str, *, times: bool = False, overlay_xattrs: bool = True) -> tup
     st = os.lstat(path)
     body: str | None = None
     if stat.S_ISREG(st.st_mode):
-        with open(path, "rb") as f:
+        # O_NOATIME: taking a snapshot does not change what a later one compares.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
+        with open(fd, "rb") as f:
             body = hashlib.sha256(f.read()).hexdigest()
     elif stat.S_ISLNK(st.st_mode):
         body = os.readlink(path)
