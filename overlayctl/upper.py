@@ -105,14 +105,14 @@ def lower_names(layers: list[LayerRef], rel: str) -> set[str]:
     return set(lower_children(dirs)[0]) if dirs else set()
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
+def _xattrs(path: str, ignore: frozenset[str] = frozenset()) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return out
     for n in names:
-        if n.startswith(OVERLAY_XATTR_PREFIXES):
+        if n.startswith(OVERLAY_XATTR_PREFIXES) or n in ignore:
             continue
         v = _xattr(path, n)
         if v is not None:
@@ -120,8 +120,10 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
-def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
-    """Equal in content, mode, owner and xattrs (overlay's own excluded); mtime ignored."""
+def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result,
+               ignore: frozenset[str] = frozenset()) -> bool:
+    """Equal in content, mode, owner and xattrs (overlay's own and IGNORE excluded); mtime
+    ignored."""
     if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
         return False
     if (sa.st_uid, sa.st_gid) != (sb.st_uid, sb.st_gid):
@@ -136,7 +138,7 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
             return False
     elif (stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode)) and sa.st_rdev != sb.st_rdev:
         return False
-    return _xattrs(a) == _xattrs(b)
+    return _xattrs(a, ignore) == _xattrs(b, ignore)
 
 
 def open_noatime(path: str) -> int:
@@ -269,9 +271,11 @@ def merged_lower(layers: list[LayerRef], rel: str = "",
             yield from merged_lower(layers, r, subdirs[n])
 
 
-def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) -> list[Change]:
+def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None,
+             ignore_xattrs: frozenset[str] = frozenset()) -> list[Change]:
     """Every entry of the raw upper that is a change against the layers below. Walks the
-    upper and the lower layers side by side, so each directory is listed once."""
+    upper and the lower layers side by side, so each directory is listed once. Xattrs named
+    in IGNORE_XATTRS do not count as a difference."""
     changes: list[Change] = []
     roots = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
 
@@ -311,7 +315,7 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) 
                 walk(rel, sub or None)
                 continue
             if in_scope:
-                change = _change_of(p, st, low, opaque, subdirs.get(n))
+                change = _change_of(p, st, low, opaque, subdirs.get(n), ignore_xattrs)
                 if change:
                     changes.append(Change(rel, change, low))
             if isdir:
@@ -323,7 +327,8 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) 
 
 
 def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
-               lower_dirs: LowerDirs | None) -> ChangeKind | None:
+               lower_dirs: LowerDirs | None,
+               ignore: frozenset[str] = frozenset()) -> ChangeKind | None:
     if low is None:
         return "added"
     if stat.S_IFMT(st.st_mode) != stat.S_IFMT(low.st.st_mode):
@@ -331,8 +336,8 @@ def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
     if stat.S_ISDIR(st.st_mode):
         if opaque and lower_dirs and lower_children(lower_dirs)[0]:
             return "opaque"
-        return None if same_entry(p, st, low.path, low.st) else "modified"
-    return "identical" if same_entry(p, st, low.path, low.st) else "modified"
+        return None if same_entry(p, st, low.path, low.st, ignore) else "modified"
+    return "identical" if same_entry(p, st, low.path, low.st, ignore) else "modified"
 
 
 class UpperLookup:
