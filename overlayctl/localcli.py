@@ -70,13 +70,14 @@ def _commit(words: list[str], args: argparse.Namespace) -> int:
                           sign_key=args.sign_key, certificate=args.certificate)
     with lock(args.root) as locked:
         r = commit.commit(locked, args.classes[0], opts)
-    where = f"{r['name']} ({r['class']}, {r['format']}, {r['output']})"
-    order = r["order"]
-    log.info(f"'{r['name']}' is ordered " + (
-        f"above {', '.join(repr(n) for n in order['below'])}" if order["below"] else
-        "below every other " + r["class"]) + (
-        f" and below {', '.join(repr(n) for n in order['above'])}" if order["above"] else
-        "") + f" among the {r['class']}s (by name).")
+    below = ", ".join(repr(n) for n in r["order"]["below"])
+    above = ", ".join(repr(n) for n in r["order"]["above"])
+    if below or above:
+        where = " and ".join(x for x in (below and f"above {below}", above and f"below {above}")
+                             if x)
+        log.info(f"'{r['name']}' is ordered {where} among the {r['class']}s (by name).")
+    else:
+        log.info(f"'{r['name']}' is the only {r['class']}.")
     by: dict[str, list[str]] = {}
     for h in r["hidden"]:
         by.setdefault(h["by"], []).append(h["path"])
@@ -87,6 +88,7 @@ def _commit(words: list[str], args: argparse.Namespace) -> int:
     if args.json != "off":
         emit_json(r, args.json)
         return 0
+    into = f"{r['name']} ({r['class']}, {r['format']}, {r['output']})"
     if args.dry_run:
         if r["entries"]:
             table(["type", "path", "change"],
@@ -96,9 +98,9 @@ def _commit(words: list[str], args: argparse.Namespace) -> int:
                   legend=not args.no_legend)
         for sk in r["skipped"]:
             log.info(f"{sk['path']}: not captured ({sk['reason']}).")
-        print(f"Would commit {len(r['entries'])} entries into {where}.")
+        print(f"Would commit {len(r['entries'])} entries into {into}.")
         return 0
-    print(f"Committed {len(r['entries'])} entries into {where}.")
+    print(f"Committed {len(r['entries'])} entries into {into}.")
     if r["verity"]:
         from overlayctl.paths import inside
         for f in r["verity"]["files"]:
