@@ -16,7 +16,8 @@ defaults and `site` read-only (and, later, with --mutable=ephemeral-import).
                                         `overlayctl confext merge` in this boot's mode
     flatcar_commit_guest.py boot1       first boot (mode yes: the real /etc is the upper):
                                         a new file, an edit, a deletion, a new directory;
-                                        `confext commit site`; next boot: empty /etc, mode no
+                                        `cleanup`, `confext commit site`; next boot: empty
+                                        /etc, mode no
     flatcar_commit_guest.py boot2       read-only: exactly the committed /etc, writes refused,
                                         the real /etc empty
     flatcar_commit_guest.py boot3       the same after a reboot; next boot: ephemeral-import
@@ -345,6 +346,10 @@ def stage_boot1() -> None:
     check("boot1: the writes are in the real /etc (the upper)", raw is not None
           and "flatcar-vm" in raw, str(raw))
     ol("confext", "diff")
+    # Flatcar's initrd drops identical copies (systemd's first boot makes a few: machine-id,
+    # ld.so.cache, .pwd.lock) on every boot; here it happens live, before the commit.
+    rc, _, _ = ol("confext", "cleanup")
+    check("boot1: cleanup of identical copies (on the merged /etc)", rc == 0)
     ol("confext", "commit", "site", "--dry-run")
     before = etc_tree()
     rc, out, _ = ol("confext", "commit", "site")
