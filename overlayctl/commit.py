@@ -664,10 +664,10 @@ def _drop_stale(parent: str) -> None:
     except OSError:
         return
     for n in names:
-        if not n.startswith(".#") or "." not in n[2:]:
-            continue
-        pid = n.rsplit(".", 1)[-1]
-        if ".commit-" in n and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        # .#NAME.commit-PID (the stage), .#NAME.raw.commit-PID[.verity|.roothash|...]
+        _, sep, tail = n.rpartition(".commit-")
+        pid = tail.split(".")[0]
+        if n.startswith(".#") and sep and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             p = os.path.join(parent, n)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)

@@ -366,6 +366,25 @@ def test_a_change_during_the_copy_is_copied_again(fc: Flatcar, tmp_path: Path) -
     fc.unmerge()
 
 
+def test_a_killed_commit_leaves_no_image_and_the_next_one_cleans_up(fc: Flatcar) -> None:
+    """Killed between the copy and its check (OVERLAYCTL_FAULT=commit-copied): no image, the
+    upper untouched, a hidden build directory left that the next commit removes."""
+    fc.merge("yes")
+    local_changes(fc)
+    fc.unmerge()
+    before = tree(str(fc.etc), times=True, skip_meta=False)
+    r = fc.root.run("confext", "commit", "site", env={"OVERLAYCTL_FAULT": "commit-copied"})
+    assert r.returncode == -9
+    left = [n for n in os.listdir(fc.root / "var/lib/confexts") if n != "app"]
+    assert len(left) == 1 and left[0].startswith(".#site.commit-"), left
+    assert differences(tree(str(fc.etc), times=True, skip_meta=False), before) == {}
+    commit(fc)
+    assert sorted(os.listdir(fc.root / "var/lib/confexts")) == ["app", "site.raw"]
+    fc.merge("no")
+    assert fc.read("motd") == "my motd\n"
+    fc.unmerge()
+
+
 def test_an_upper_that_keeps_changing_is_refused(fc: Flatcar, tmp_path: Path) -> None:
     fc.merge("yes")
     pause = tmp_path / "pause"
