@@ -71,7 +71,7 @@ Options:
      --image-policy=POLICY
                         Which raw images may be merged (systemd.image-policy(7))
      --dry-run          With merge or refresh: print the plan, mount nothing;
-                        with reset or cleanup: say what would be done
+                        with reset, cleanup or commit: say what would be done
      --defaults=[HIERARCHY=]DIR
                         A tree of OS defaults (inside the root) as the lowest layer;
                         without HIERARCHY= it is for /etc
