@@ -123,7 +123,8 @@ def _ephemeral_dirs(plan: HierarchyPlan, carry: int | None, stale: list[str],
 
 
 def _backing(plan: HierarchyPlan) -> str | None:
-    base = next((layer.path for layer in plan.lowers if layer.role == "base"), None)
+    base = next((layer.path for layer in plan.lowers if layer.role == "base"
+                 or (plan.self_import and layer.role == "import")), None)
     if base is None:
         return None
     dev = os.stat(base).st_dev

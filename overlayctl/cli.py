@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
-LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup")
+LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup", "commit")
+COMMIT_OPTIONS = ("format", "output", "any", "verity", "sign_key", "certificate")
 HELP = """\
 usage: overlayctl [OPTIONS...] [sysext|confext] [VERB]
 
@@ -48,6 +49,9 @@ Local changes against the layers below the upper (merged or not; see docs/defaul
   cleanup [HIERARCHY...]
                     Drop identical copies, whiteouts of KeepDefaults paths, stale opaque
                     markers
+  sysext|confext commit NAME
+                    Capture the upper layers of the class into the extension NAME
+                    (/var/lib/confexts/NAME.raw, /var/lib/extensions/NAME.raw)
 
 Without sysext or confext, status, list, merge, unmerge and refresh act on both classes.
 
@@ -70,11 +74,18 @@ Options:
                         (dm-verity, signed; systemd.image-policy(7)). Default: any
                         protection of the root and /usr partitions (/etc: root only)
      --dry-run          With merge or refresh: print the plan, mount nothing;
-                        with reset or cleanup: say what would be done
+                        with reset, cleanup or commit: say what would be done
      --defaults=[HIERARCHY=]DIR
                         A tree of OS defaults (inside the root) as the lowest layer;
                         without HIERARCHY= it is for /etc
      --content          With diff: print a unified diff of each modified file
+     --format=squashfs|erofs|directory
+                        With commit: what to write (default squashfs)
+     --output=PATH      With commit: where to write it (inside the root)
+     --any              With commit: ID=_any instead of the host's ID and VERSION_ID
+     --verity           With commit: write NAME.verity and NAME.roothash
+     --sign-key=KEY --certificate=CRT
+                        With commit: also sign the root hash (NAME.roothash.p7s)
 """
 
 
@@ -162,6 +173,8 @@ def _print_plan(p: dict[str, Any]) -> None:
         print(f"  work   {p['workdir']}")
     for layer in p["layers"]:
         label = layer["role"] + (f" {layer['name']}" if layer["name"] else "")
+        if layer["role"] == "import" and p.get("self_import"):
+            label += ": the hierarchy itself"
         print(f"  lower  {layer['path'] or '<private tmpfs>'}  [{label}]")
     print(f"  options {','.join(p['options']) or '-'}  flags {','.join(p['mount_flags'])}")
 
@@ -213,8 +226,12 @@ def run(argv: list[str]) -> int:
         # As upstream: a policy that does not parse fails every verb, before anything is
         # looked at.
         parse_image_policy(args.image_policy)
+    if verb != "commit" and any(getattr(args, o) for o in COMMIT_OPTIONS):
+        raise die("--format, --output, --any, --verity, --sign-key and --certificate go "
+                  "with commit only", "e.g. overlayctl confext commit site --verity")
     if verb in LOCAL_VERBS:
         args.root = _root(args.root)
+        args.classes = classes
         from overlayctl import localcli
         return localcli.run(verb, words, args)
     if verb not in VERBS:

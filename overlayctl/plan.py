@@ -54,7 +54,7 @@ class HierarchyPlan(Record):
 
     __slots__ = ("hierarchy", "target", "mode", "merge", "skip_reason", "upper_kind",
                  "upperdir", "workdir", "create_upper", "mutable_dir", "lowers", "fs_options",
-                 "vfs_options", "extensions", "top_mode", "base_used")
+                 "vfs_options", "extensions", "top_mode", "base_used", "self_import")
     hierarchy: str                     # as configured, e.g. /usr
     target: str                        # host path the overlay is mounted on
     mode: MutableMode                  # mutable mode in force
@@ -71,6 +71,7 @@ class HierarchyPlan(Record):
     extensions: tuple[str, ...]        # every accepted name, ascending
     top_mode: int
     base_used: bool
+    self_import: bool                  # import modes: the mutable dir is the hierarchy itself
 
     def __init__(self, *, hierarchy: str, target: str, mode: MutableMode, merge: bool,
                  skip_reason: str | None = None, upper_kind: UpperKind | None = None,
@@ -78,7 +79,8 @@ class HierarchyPlan(Record):
                  create_upper: bool = False, mutable_dir: str | None = None,
                  lowers: tuple[Layer, ...] = (), fs_options: tuple[str, ...] = (),
                  vfs_options: tuple[str, ...] = (), extensions: tuple[str, ...] = (),
-                 top_mode: int = 0o755, base_used: bool = False) -> None:
+                 top_mode: int = 0o755, base_used: bool = False,
+                 self_import: bool = False) -> None:
         self._fill(locals())
 
     @property
@@ -103,6 +105,7 @@ class HierarchyPlan(Record):
             "readonly": self.readonly,
             "extensions": list(self.extensions),
             "mode_bits": f"{self.top_mode:04o}",
+            "self_import": self.self_import,
         }
 
 
@@ -251,6 +254,7 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     workdir: str | None = None
     mutable_dir: str | None = None
     create_upper = False
+    self_import = False
 
     def is_hierarchy(d: str) -> bool:
         return os.path.normpath(d) == os.path.normpath(target) or _same(d, view)
@@ -273,11 +277,12 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             mutable_dir = upperdir
     elif mode in ("import", "ephemeral-import"):
         if mdir is not None:
-            if is_hierarchy(mdir):
-                raise die(f"not importing mutable directory {mdir} for {hierarchy}: it points to "
-                          "the hierarchy itself",
-                          f"use --mutable=yes or auto to make {hierarchy} its own upper layer")
-            import_dir = mdir
+            # Upstream refuses a mutable dir that is the hierarchy itself. overlayctl makes the
+            # real directory the top lower layer instead (read through the plain view when it
+            # is merged now): it wins over the extensions and the defaults, and, as the import
+            # layer, it is not also the base.
+            self_import = is_hierarchy(mdir)
+            import_dir = view if self_import else mdir
             mutable_dir = mdir
     if mode in ("ephemeral", "ephemeral-import"):
         upper_kind = "ephemeral"
@@ -311,7 +316,7 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     if import_dir:
         lowers.append(Layer("import", import_dir))
     lowers.extend(ext_layers)
-    base_used = base_nonempty and upper_kind != "host"
+    base_used = base_nonempty and upper_kind != "host" and not self_import
     if base_used:
         lowers.append(Layer("base", view))
     if defaults is not None:
@@ -337,7 +342,8 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
         hierarchy=hierarchy, target=target, mode=mode, merge=True, upper_kind=upper_kind,
         upperdir=upperdir, workdir=workdir, create_upper=create_upper,
         mutable_dir=mutable_dir, lowers=tuple(lowers), fs_options=tuple(fs),
-        vfs_options=tuple(vfs), extensions=names, top_mode=top_mode, base_used=base_used)
+        vfs_options=tuple(vfs), extensions=names, top_mode=top_mode, base_used=base_used,
+        self_import=self_import)
 
 
 def make_plan(settings: Settings, accepted: list[Image], base_view: BaseView | None = None,

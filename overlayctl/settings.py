@@ -283,6 +283,80 @@ def _config_policy(items: list[tuple[str, str, str]], cls_name: str
     return policy, items
 
 
+USER_DATABASE = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
+
+
+class CleanupSettings(Record):
+    """[Cleanup] of overlayctl's CLASS.conf: what cleanup may undo besides identical copies
+    (see docs/defaults.md, "cleanup", and Flatcar's initrd-setup-root)."""
+
+    __slots__ = ("keep_defaults", "keep_defaults_file", "keep_user_database", "ignore_xattrs")
+    keep_defaults: tuple[str, ...]     # KeepDefaults=: whiteouts of these paths are dropped
+    keep_defaults_file: str | None     # KeepDefaultsFile=: more such paths, one a line
+    keep_user_database: bool           # KeepUserDatabase=: also /etc/passwd, group, ...
+    ignore_xattrs: frozenset[str]      # IgnoreXattrs=: not compared (security.selinux)
+
+    def __init__(self, keep_defaults: tuple[str, ...] = (),
+                 keep_defaults_file: str | None = None, keep_user_database: bool = False,
+                 ignore_xattrs: frozenset[str] = frozenset()) -> None:
+        self._fill(locals())
+
+    def keep_paths(self, root: str) -> dict[str, str]:
+        """Every path whose whiteout cleanup drops -> where it was named."""
+        out = {p: "KeepDefaults" for p in self.keep_defaults}
+        if self.keep_defaults_file:
+            for p in _path_list(root, self.keep_defaults_file):
+                out.setdefault(p, f"KeepDefaultsFile {self.keep_defaults_file}")
+        if self.keep_user_database:
+            for p in USER_DATABASE:
+                out.setdefault(p, "KeepUserDatabase")
+        return out
+
+
+def _path_list(root: str, path: str) -> list[str]:
+    """The paths in PATH (inside ROOT): one a line, as Flatcar's etc-no-whiteouts; empty
+    lines and # comments skipped."""
+    f = chase(root, path, must_exist=True)
+    try:
+        if f is None:
+            raise FileNotFoundError(path)
+        with open(f, encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.read().splitlines()
+    except OSError as e:
+        log.warning(f"ignoring KeepDefaultsFile={path}: "
+                    f"{e.strerror or 'no such file'} in {root}")
+        return []
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("/"):
+            log.warning(f"ignoring '{line}' in {path}: not an absolute path")
+            continue
+        out.append(os.path.normpath(line))
+    return out
+
+
+def load_cleanup(root: str, class_name: str) -> CleanupSettings:
+    """[Cleanup] of overlayctl/CLASS.conf (and its drop-ins)."""
+    ours = f"overlayctl/{class_name}.conf"
+    conf = read_ini(root, ours, "Cleanup")
+    user_db = False
+    if "KeepUserDatabase" in conf:
+        b = parse_boolean(conf["KeepUserDatabase"])
+        if b is None:
+            log.warning(f"ignoring KeepUserDatabase={conf['KeepUserDatabase']} in {ours}: "
+                        "not a boolean")
+        else:
+            user_db = b
+    return CleanupSettings(
+        keep_defaults=tuple(conf.get("KeepDefaults", "").split()),
+        keep_defaults_file=conf.get("KeepDefaultsFile") or None,
+        keep_user_database=user_db,
+        ignore_xattrs=frozenset(conf.get("IgnoreXattrs", "").split()))
+
+
 def parse_defaults_arg(values: list[str], class_names: list[str]) -> dict[str, str]:
     """--defaults=DIR or --defaults=HIERARCHY=DIR (repeatable). Without HIERARCHY= it is for
     /etc (confext); system extensions need the hierarchy named."""

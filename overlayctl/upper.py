@@ -105,14 +105,14 @@ def lower_names(layers: list[LayerRef], rel: str) -> set[str]:
     return set(lower_children(dirs)[0]) if dirs else set()
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
+def _xattrs(path: str, ignore: frozenset[str] = frozenset()) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return out
     for n in names:
-        if n.startswith(OVERLAY_XATTR_PREFIXES):
+        if n.startswith(OVERLAY_XATTR_PREFIXES) or n in ignore:
             continue
         v = _xattr(path, n)
         if v is not None:
@@ -120,8 +120,10 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
-def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
-    """Equal in content, mode, owner and xattrs (overlay's own excluded); mtime ignored."""
+def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result,
+               ignore: frozenset[str] = frozenset()) -> bool:
+    """Equal in content, mode, owner and xattrs (overlay's own and IGNORE excluded); mtime
+    ignored."""
     if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
         return False
     if (sa.st_uid, sa.st_gid) != (sb.st_uid, sb.st_gid):
@@ -129,15 +131,35 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
         return False
     if stat.S_ISREG(sa.st_mode):
-        import filecmp
-        if sa.st_size != sb.st_size or not filecmp.cmp(a, b, shallow=False):
+        if sa.st_size != sb.st_size or not _same_content(a, b):
             return False
     elif stat.S_ISLNK(sa.st_mode):
         if os.readlink(a) != os.readlink(b):
             return False
     elif (stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode)) and sa.st_rdev != sb.st_rdev:
         return False
-    return _xattrs(a) == _xattrs(b)
+    return _xattrs(a, ignore) == _xattrs(b, ignore)
+
+
+def open_noatime(path: str) -> int:
+    """A read-only fd of PATH that reading through leaves the atime alone (O_NOATIME needs
+    the owner or CAP_FOWNER; without it, a plain open): comparing an upper with the layers
+    below must not change either."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        return os.open(path, flags)
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(open_noatime(a), "rb") as fa, open(open_noatime(b), "rb") as fb:
+        while True:
+            ca, cb = fa.read(1 << 16), fb.read(1 << 16)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
 
 
 def digest(path: str, st: os.stat_result | None = None) -> str:
@@ -148,7 +170,7 @@ def digest(path: str, st: os.stat_result | None = None) -> str:
     h.update(f"{stat.S_IFMT(st.st_mode)}:{stat.S_IMODE(st.st_mode)}:{st.st_uid}:{st.st_gid}"
              .encode())
     if stat.S_ISREG(st.st_mode):
-        with open(path, "rb") as f:
+        with open(open_noatime(path), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 16), b""):
                 h.update(chunk)
     elif stat.S_ISLNK(st.st_mode):
@@ -249,9 +271,11 @@ def merged_lower(layers: list[LayerRef], rel: str = "",
             yield from merged_lower(layers, r, subdirs[n])
 
 
-def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) -> list[Change]:
+def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None,
+             ignore_xattrs: frozenset[str] = frozenset()) -> list[Change]:
     """Every entry of the raw upper that is a change against the layers below. Walks the
-    upper and the lower layers side by side, so each directory is listed once."""
+    upper and the lower layers side by side, so each directory is listed once. Xattrs named
+    in IGNORE_XATTRS do not count as a difference."""
     changes: list[Change] = []
     roots = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
 
@@ -291,7 +315,7 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) 
                 walk(rel, sub or None)
                 continue
             if in_scope:
-                change = _change_of(p, st, low, opaque, subdirs.get(n))
+                change = _change_of(p, st, low, opaque, subdirs.get(n), ignore_xattrs)
                 if change:
                     changes.append(Change(rel, change, low))
             if isdir:
@@ -303,7 +327,8 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) 
 
 
 def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
-               lower_dirs: LowerDirs | None) -> ChangeKind | None:
+               lower_dirs: LowerDirs | None,
+               ignore: frozenset[str] = frozenset()) -> ChangeKind | None:
     if low is None:
         return "added"
     if stat.S_IFMT(st.st_mode) != stat.S_IFMT(low.st.st_mode):
@@ -311,8 +336,8 @@ def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
     if stat.S_ISDIR(st.st_mode):
         if opaque and lower_dirs and lower_children(lower_dirs)[0]:
             return "opaque"
-        return None if same_entry(p, st, low.path, low.st) else "modified"
-    return "identical" if same_entry(p, st, low.path, low.st) else "modified"
+        return None if same_entry(p, st, low.path, low.st, ignore) else "modified"
+    return "identical" if same_entry(p, st, low.path, low.st, ignore) else "modified"
 
 
 class UpperLookup:
@@ -382,6 +407,12 @@ def lower_dirs_below(upper: str | None, layers: list[LayerRef], parts: list[str]
             if r is not None:
                 dirs = _redirected(layers, parent_dirs, r)
     return dirs
+
+
+def redirected_dirs(layers: list[LayerRef], parent_dirs: LowerDirs, r: str) -> LowerDirs:
+    """The lower directories a renamed directory (redirect R) draws its content from: an
+    absolute R from the layers' root, a relative one among PARENT_DIRS (its parent's)."""
+    return _redirected(layers, parent_dirs, r)
 
 
 def _redirected(layers: list[LayerRef], parent_dirs: LowerDirs, r: str) -> LowerDirs:

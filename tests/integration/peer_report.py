@@ -32,6 +32,7 @@ from tests.integration.test_peer import (
     ODD_NAMES,
     REFRESH,
     SCENARIOS,
+    SELF_IMPORT,
     SINGLE_LOWER,
     refresh_steps,
 )
@@ -49,7 +50,7 @@ def scenario_rows(peers: list[Upstream], tmp: Path) -> list[str]:
     head = ["scenario", "setup", *(f"upstream {p.name}" for p in peers), "overlayctl",
             "overlayctl = 262?"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, sc in enumerate(SCENARIOS + SINGLE_LOWER + ODD_NAMES + HALFWAY):
+    for i, sc in enumerate(SCENARIOS + SINGLE_LOWER + ODD_NAMES + HALFWAY + SELF_IMPORT):
         obs = []
         for j, peer in enumerate([*peers, None]):
             r = Root(tmp / f"{i}-{j}")

@@ -24,6 +24,7 @@ from tests.integration.peer import (
     H,
     N,
     Scenario,
+    U,
     build,
     diff,
     need_peer,
@@ -54,9 +55,7 @@ SCENARIOS = [
     S("opt-auto-self", mode="auto", mutable="self"),
     S("opt-yes-self", mode="yes", mutable="self"),
     S("opt-auto-self-ro", mode="auto", mutable="self", ro=True),
-    S("opt-import-self", mode="import", mutable="self"),
     S("opt-ephemeral-self", mode="ephemeral", mutable="self"),
-    S("opt-ephemeral-import-self", mode="ephemeral-import", mutable="self"),
     S("opt-auto-other-ro", mode="auto", mutable="other", ro=True),
     S("opt-yes-other", mode="yes", mutable="other"),
     S("opt-auto-dangling-ro", mode="auto", mutable="dangling", ro=True),
@@ -91,9 +90,6 @@ SCENARIOS = [
     S("etc-auto-self", cls="confext", hier="etc", mode="auto", mutable="self"),
     S("etc-yes-self", cls="confext", hier="etc", mode="yes", mutable="self"),
     S("etc-auto-self-ro", cls="confext", hier="etc", mode="auto", mutable="self", ro=True),
-    S("etc-import-self", cls="confext", hier="etc", mode="import", mutable="self"),
-    S("etc-ephemeral-import-self", cls="confext", hier="etc", mode="ephemeral-import",
-      mutable="self"),
     S("etc-auto-other", cls="confext", hier="etc", mode="auto", mutable="other"),
     S("etc-yes-badmode", cls="confext", hier="etc", mode="yes", mutable="badmode"),
     S("etc-missing-default", cls="confext", hier="etc", base="missing"),
@@ -111,6 +107,11 @@ SINGLE_LOWER = [S("usr-auto-nodir-noopt", hier="usr", mode="auto", opt_base=Fals
 ODD_NAMES = [S("opt-name-colon", exts="colon"), S("opt-name-comma", exts="comma"),
              S("opt-name-colon-yes", mode="yes", exts="colon")]
 HALFWAY = [S("opt-yes-badmode", mode="yes", mutable="badmode", ro=True)]
+SELF_IMPORT = [S("opt-import-self", mode="import", mutable="self"),
+               S("opt-ephemeral-import-self", mode="ephemeral-import", mutable="self"),
+               S("etc-import-self", cls="confext", hier="etc", mode="import", mutable="self"),
+               S("etc-ephemeral-import-self", cls="confext", hier="etc", mode="ephemeral-import",
+                 mutable="self")]
 
 # Known bugs: scenario id -> reason (the comparison is kept and expected to fail).
 BUGS: dict[str, str] = {}
@@ -213,6 +214,33 @@ def test_failed_merge_leaves_nothing_behind(root: Root, tmp_path: Path, sc: Scen
         up[key]["files"].pop(created)
         assert oc[key] == up[key]
     assert oc["write"] == up["write"] and oc["status"] == up["status"]
+
+
+@pytest.mark.parametrize("sc", _params(SELF_IMPORT))
+def test_import_of_the_hierarchy_itself(root: Root, tmp_path: Path, sc: Scenario) -> None:
+    """docs/modes.md "The mutable dir is the hierarchy itself": upstream refuses import and
+    ephemeral-import when the mutable dir points to the hierarchy; overlayctl imports the real
+    directory as the top lower layer (above the extensions), read-only or under a private
+    tmpfs upper, and leaves it exactly as it was."""
+    up, oc = _both(root, tmp_path, sc)
+    h = sc.hier
+    assert not up["merge_ok"] and "hierarchy itself" in up["stderr"], up["stderr"]
+    assert up["merged"]["overlays"] == {}
+    assert oc["merge_ok"], oc["stderr"]
+    seen = oc["merged"]["files"]
+    assert (seen[f"{h}/{E}"], seen[f"{h}/{H}"], seen[f"{h}/{U}"]) == ("E", "H", "U")
+    ephemeral = sc.mode == "ephemeral-import"
+    assert oc["merged"]["writable"][h] is ephemeral
+    written = oc["written"]["files"]
+    if ephemeral:
+        assert oc["write"] == ["ok", "ok", "ok"]
+        assert written[f"{h}/{N}"] == "N" and written[f"{h}/{H}"] == "H2"
+        assert f"{h}/{E}" not in written
+    else:
+        assert all(w != "ok" for w in oc["write"]), oc["write"]
+        assert _hier(oc["written"], h) == _hier(oc["merged"], h)
+    assert oc["unmerge_ok"] and not oc["left"]
+    assert _hier(oc["after"], h) == _hier(oc["before"], h)
 
 
 def test_status_spells_unmerged_as_262(root: Root, tmp_path: Path) -> None:

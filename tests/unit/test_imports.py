@@ -19,6 +19,7 @@ RANKS: dict[str, int] = {
     "__main__": 100,
     "cli": 90, "varlink": 85,                # front ends (cli hands over to varlink)
     "localcli": 80,
+    "commit": 75,                            # commit reads uppers through local's stacks
     "local": 70,                             # local-change verbs call the engine to rebuild
     "engine": 60,                            # order of operations of merge/refresh/unmerge
     "attach": 50, "build": 48, "manifest": 47, "legacy": 46, "live": 45, "nested": 44,

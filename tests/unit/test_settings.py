@@ -426,3 +426,43 @@ def test_class_constants() -> None:
         for d in c.search_dirs:
             assert not d.startswith(("/usr/lib/extensions", "/usr/local/lib/extensions",
                                      "/etc/confexts"))
+
+
+# ---------------------------------------------------------------------------------------------
+# [Cleanup] of overlayctl's confext.conf (docs/defaults.md, "cleanup")
+
+
+def test_cleanup_settings(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from overlayctl.settings import USER_DATABASE, load_cleanup
+    write(root, "usr/lib/overlayctl/confext.conf",
+          "[Cleanup]\nKeepDefaults=/etc/a /etc/b\nKeepDefaultsFile=/usr/share/no-whiteouts\n"
+          "KeepUserDatabase=yes\nIgnoreXattrs=security.selinux user.x\n")
+    write(root, "usr/share/no-whiteouts",
+          "# comment\n/etc/resolv.conf\n\n  /etc/a  \nrelative/path\n/etc//x/\n")
+    c = load_cleanup(str(root), "confext")
+    assert c.keep_defaults == ("/etc/a", "/etc/b")
+    assert c.keep_user_database is True
+    assert c.ignore_xattrs == frozenset({"security.selinux", "user.x"})
+    paths = c.keep_paths(str(root))
+    assert paths["/etc/a"] == "KeepDefaults"          # the first list names it first
+    assert paths["/etc/resolv.conf"] == "KeepDefaultsFile /usr/share/no-whiteouts"
+    assert paths["/etc/x"] == "KeepDefaultsFile /usr/share/no-whiteouts"
+    assert "relative/path" not in paths
+    assert all(paths[p] == "KeepUserDatabase" for p in USER_DATABASE)
+    assert "ignoring 'relative/path'" in capsys.readouterr().err
+
+
+def test_cleanup_settings_defaults_and_bad_values(root: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from overlayctl.settings import load_cleanup
+    c = load_cleanup(str(root), "confext")
+    assert (c.keep_defaults, c.keep_defaults_file, c.keep_user_database, c.ignore_xattrs) == (
+        (), None, False, frozenset())
+    assert c.keep_paths(str(root)) == {}
+    write(root, "etc/overlayctl/confext.conf",
+          "[Cleanup]\nKeepUserDatabase=perhaps\nKeepDefaultsFile=/missing\n")
+    c = load_cleanup(str(root), "confext")
+    assert c.keep_user_database is False and c.keep_paths(str(root)) == {}
+    err = capsys.readouterr().err
+    assert "ignoring KeepUserDatabase=perhaps" in err
+    assert "ignoring KeepDefaultsFile=/missing" in err
