@@ -29,7 +29,7 @@ from overlayctl import verity
 from tests.conftest import REPO, Root, umount_all_below
 from tests.integration.olhelpers import assert_error, overlays_at
 from tests.integration.peer import need_peer, run_plan, upstream_peer
-from tests.integration.test_defaults import Flatcar
+from tests.integration.test_defaults import DEFAULTS, Flatcar
 from tests.integration.trees import differences, tree
 from tests.veritybuild import make_key
 
@@ -262,9 +262,18 @@ def test_verity_sidecars_and_signature(fc: Flatcar, tmp_path: Path) -> None:
     r = subprocess.run(["veritysetup", "verify", str(img), side.data_path, rh.hex()],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    # The image still merges as before.
+    # Merged: on a kernel without device-mapper (this one) a verity image is refused, and
+    # with its certificate in verity.d the message says the signature is good; without
+    # its verity data (SYSTEMD_DISSECT_VERITY_SIDECAR=0, as systemd) it merges as before.
     empty_etc(fc)
-    fc.merge("no")
+    (fc.root / "etc/verity.d").mkdir(parents=True)
+    (fc.root / "etc/verity.d/commit.crt").write_bytes(key.cert.read_bytes())
+    r = fc.run("confext", "merge", "--mutable=no", f"--defaults={DEFAULTS}")
+    assert r.returncode == 1 and "site.raw" in r.stderr and "device-mapper" in r.stderr
+    assert "signature is valid" in r.stderr, r.stderr
+    assert fc.root.mounts() == []
+    fc.root.run("confext", "merge", "--mutable=no", f"--defaults={DEFAULTS}", check=True,
+                env={"SYSTEMD_DISSECT_VERITY_SIDECAR": "0"})
     assert fc.read("motd") == "my motd\n" and not (fc.etc / "ssh/sshd_config").exists()
     fc.unmerge()
 
