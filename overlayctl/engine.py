@@ -23,7 +23,7 @@ from overlayctl.metadata import Origin
 from overlayctl.mountns import Locked, lock
 from overlayctl.paths import chase, inside
 from overlayctl.plan import HierarchyPlan, make_plan
-from overlayctl.release import check_compatible, host_os_release, parse_boolean
+from overlayctl.release import check_compatible, host_os_release, parse_boolean, shown
 from overlayctl.settings import Settings
 from overlayctl.state import Manifest, MergeRecord
 
@@ -66,6 +66,8 @@ def accepted_images(s: Settings, stack: ExitStack) -> list[Image]:
     scope = "initrd" if s.initrd else "system"
     accepted: list[Image] = []
     ignored = 0
+    if s.force:
+        log.debug("Force mode enabled, skipping version validation.")
     for img in images:
         if img.source and s.cls.name == "sysext" and not s.force and img.tree_path(
                 "/usr/lib/os-release"):
@@ -75,13 +77,20 @@ def accepted_images(s: Settings, stack: ExitStack) -> list[Image]:
         if s.force:
             accepted.append(img)
             continue
+        problem = img.release.problem if img.release else None
+        if problem:
+            log.warning(f"Ignoring extension '{img.name}': its extension-release file {problem}.")
+            ignored += 1
+            continue
         reason = check_compatible(img.release.data if img.release and img.release.path else None,
                                   host, s.cls.info, scope, img.name)
         if reason:
             log.info(f"Ignoring extension '{img.name}': {reason}.")
             ignored += 1
             continue
-        log.debug(f"Extension '{img.name}' ({img.source or img.path}) is compatible.")
+        ext_id = img.release.data.get("ID", "") if img.release else ""
+        log.debug(f"Extension '{img.name}' ({img.source or img.path}) matches "
+                  f"'{shown(ext_id)}' OS: compatible.")
         accepted.append(img)
     if accepted:
         log.info("Using extensions " + ", ".join(f"'{i.name}'" for i in accepted) + ".")
@@ -465,7 +474,11 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
 
 
 def list_rows(s: Settings) -> list[dict[str, Any]]:
-    return [{"name": img.name, "type": img.type, "path": img.path, "time": img.mtime_us,
+    """One row per image, as upstream's list: "time" is a directory's creation time (its
+    mtime says nothing about the tree below), a file's modification time."""
+    from overlayctl.kernel import birth_time_us
+    return [{"name": img.name, "type": img.type, "path": img.path,
+             "time": birth_time_us(img.path) if img.type == "directory" else img.mtime_us,
              "class": s.cls.name} for img in discover(s)]
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from overlayctl import __version__
 from overlayctl.errors import OverlayctlError, die
+from overlayctl.kernel import birth_time_us
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
@@ -496,34 +497,10 @@ class Service:
 
 # --- List records: what upstream's image_to_json() reports -----------------------------------
 
-STATX_BTIME = 0x800
 FS_IOC_GETFLAGS = 0x80086601
 FS_IMMUTABLE_FL = 0x10
 BLKROGET = 0x125E
 BLKGETSIZE64 = 0x80081272
-
-
-def _crtime_us(path: str) -> int:
-    """Birth time in µs (statx), else systemd's user.crtime_usec xattr, else 0."""
-    import ctypes
-    import struct
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(256)
-    statx = libc.statx
-    statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                      ctypes.c_void_p]
-    if statx(-100, os.fsencode(path), 0, STATX_BTIME, buf) == 0:   # AT_FDCWD
-        mask: int = struct.unpack_from("<I", buf, 0)[0]
-        sec: int
-        nsec: int
-        sec, nsec = struct.unpack_from("<qI", buf, 80)                 # stx_btime
-        if mask & STATX_BTIME and sec > 0:
-            return sec * 1_000_000 + nsec // 1000
-    try:
-        raw = os.getxattr(path, "user.crtime_usec")
-    except OSError:
-        return 0
-    return int.from_bytes(raw, "little") if len(raw) == 8 else 0
 
 
 def _ioctl_int(path: str, flags: int, request: int, size: int) -> int | None:
@@ -553,10 +530,10 @@ def image_record(cls: str, typ: str, name: str, path: str) -> dict[str, Any]:
         # Not the top directory's mtime: that is not when the tree last changed.
         attrs = _ioctl_int(path, os.O_DIRECTORY, FS_IOC_GETFLAGS, 4)
         read_only = read_only or bool(attrs and attrs & FS_IMMUTABLE_FL)
-        crtime = _crtime_us(path)
+        crtime = birth_time_us(path)
     elif typ == "raw":
         read_only = read_only or not st.st_mode & 0o222
-        crtime = _crtime_us(path)
+        crtime = birth_time_us(path)
         mtime = st.st_mtime_ns // 1000
         usage, limit = st.st_blocks * 512, st.st_size
     elif typ == "block":
