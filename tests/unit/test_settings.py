@@ -17,6 +17,7 @@ from overlayctl.settings import (
     parse_mutable,
     read_config,
 )
+from tests.data import config_cases
 
 
 @pytest.fixture(autouse=True)
@@ -211,7 +212,7 @@ def test_main_file_in_each_dir(root: Path, d: str) -> None:
 
 
 def test_main_file_first_dir_wins(root: Path) -> None:
-    write(root, "usr/lib/systemd/sysext.conf", "[SysExt]\nMutable=yes\nImagePolicy=x\n")
+    write(root, "usr/lib/systemd/sysext.conf", "[SysExt]\nMutable=yes\nImagePolicy=~\n")
     write(root, "run/systemd/sysext.conf", "[SysExt]\nMutable=import\n")
     write(root, "etc/systemd/sysext.conf", "[SysExt]\nMutable=auto\n")
     s = load_settings(str(root), "sysext")
@@ -220,11 +221,11 @@ def test_main_file_first_dir_wins(root: Path) -> None:
 
 
 def test_dropin_overrides_main_file(root: Path) -> None:
-    write(root, "etc/systemd/sysext.conf", "[SysExt]\nMutable=auto\nImagePolicy=a\n")
+    write(root, "etc/systemd/sysext.conf", "[SysExt]\nMutable=auto\nImagePolicy=*\n")
     write(root, "usr/lib/systemd/sysext.conf.d/10-x.conf", "[SysExt]\nMutable=import\n")
     s = load_settings(str(root), "sysext")
     assert s.mutable == "import"
-    assert s.image_policy == "a"
+    assert s.image_policy == "*"
 
 
 def test_dropins_apply_in_file_name_order_across_dirs(root: Path) -> None:
@@ -235,10 +236,10 @@ def test_dropins_apply_in_file_name_order_across_dirs(root: Path) -> None:
 
 def test_dropin_in_etc_masks_same_name_in_usr_lib(root: Path) -> None:
     write(root, "usr/lib/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nMutable=yes\n")
-    write(root, "etc/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nImagePolicy=p\n")
+    write(root, "etc/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nImagePolicy=root=signed\n")
     s = load_settings(str(root), "sysext")
     assert s.mutable == "no"
-    assert s.image_policy == "p"
+    assert s.image_policy == "root=signed"
 
 
 def test_dropins_without_main_file(root: Path) -> None:
@@ -381,3 +382,38 @@ def test_class_constants() -> None:
         for d in c.search_dirs:
             assert not d.startswith(("/usr/lib/extensions", "/usr/local/lib/extensions",
                                      "/etc/confexts"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings about configuration files, and the problems that make systemd ignore all of them
+# (tests/data/config_cases.py; the same cases run against upstream 262 in
+# tests/integration/test_dropin_parity.py)
+
+
+@pytest.mark.parametrize("name", sorted(config_cases.CASES))
+def test_config_file_problems_as_systemd(root: Path, name: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    case = config_cases.CASES[name]
+    config_cases.lay_out(root, case)
+    s = load_settings(str(root), "sysext")
+    err = capsys.readouterr().err
+    assert s.mutable == ("yes" if case.applied else "no"), err
+    if not case.warns:
+        assert err == ""
+        return
+    lines = err.splitlines()
+    assert lines and all(line.startswith("overlayctl: warning: ") for line in lines), err
+    assert "sysext.conf" in err
+    if case.line is not None:
+        assert f".conf:{case.line}: " in err, err
+    if not case.applied:
+        assert "ignoring all of systemd/sysext.conf" in err
+
+
+def test_config_warnings_are_silent_at_err_level(root: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from overlayctl import log
+    config_cases.lay_out(root, config_cases.CASES["unknown-key"])
+    with log.quiet(log.ERR):
+        load_settings(str(root), "sysext")
+    assert capsys.readouterr().err == ""
