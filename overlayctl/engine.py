@@ -181,6 +181,10 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool,
     targets = [(h, t) for h in s.hierarchies
                if (t := chase(s.root, h, must_exist=True)) is not None]
     merged = [t for _, t in targets if os.path.isdir(t) and live.is_ours(t, s.cls)]
+    for h in s.hierarchies:
+        t = next((t for hh, t in targets if hh == h), None)
+        log.debug(f"Hierarchy '{h}' does not exist in {s.root}." if t is None else
+                  f"Hierarchy '{t}' is {'merged' if t in merged else 'not merged'}.")
     journal = state.journal_path(s.root, s.cls.name)
     interrupted = os.path.exists(journal) or any(live.stacked_ours(t) > 1 for t in merged)
     if merged and interrupted and not s.dry_run:
@@ -199,14 +203,21 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool,
     live_work = {t: w for t in merged
                  if (w := metadata.read_merged(t, s.cls).work_dir) is not None}
     plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t), live_work)
+    for p in plans:
+        _log_plan(p)
     if s.dry_run:
         return [_shown_plan(p.as_json(), views) for p in plans]
     origin = origin_of(s, plans, accepted)
-    if (refresh and merged and not s.always_refresh and not interrupted
-            and _unchanged(s, merged, origin)):
-        log.info("Skipping extension refresh because no change was found, use "
-                 "--always-refresh=yes to always do a refresh.")
-        return None
+    if refresh and merged and not interrupted:
+        if not _unchanged(s, merged, origin):
+            log.debug("Found changes based on origin entry, continuing with the refresh.")
+        elif s.always_refresh:
+            log.debug("No change found based on origin entry but continuing as requested by "
+                      "--always-refresh=yes.")
+        else:
+            log.info("Skipping extension refresh because no change was found, use "
+                     "--always-refresh=yes to always do a refresh.")
+            return None
     manifests: dict[str, Manifest] = {}
     if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
         from overlayctl import manifest
@@ -225,6 +236,18 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool,
                               stack=stack)
     drop = [(p.hierarchy, p.target) for p in plans if not p.merge and p.target in merged]
     return Prepared(s, accepted, staged, drop, manifests, journal)
+
+
+def _log_plan(p: HierarchyPlan) -> None:
+    """At debug level: the overlay a hierarchy gets (upstream logs its mount(2) call)."""
+    if not p.merge:
+        log.debug(f"Not merging '{p.target}': {p.skip_reason}.")
+        return
+    layers = ":".join(layer.describe() for layer in p.lowers)
+    upper = (f", upperdir={p.upperdir}, workdir={p.workdir}" if p.upper_kind != "ephemeral"
+             else ", upperdir and workdir on a private tmpfs") if p.upper_kind else ""
+    log.debug(f"Overlay for '{p.target}' (mutable={p.mode}): lowerdir={layers}{upper}, "
+              f"options '{','.join(p.fs_options)}', mount flags {','.join(p.vfs_options)}.")
 
 
 def _shown_plan(j: dict[str, Any], views: dict[str, live.PlainView]) -> dict[str, Any]:

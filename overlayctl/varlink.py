@@ -575,7 +575,8 @@ class Options:
 
 def _default_class() -> str:
     """Upstream serves the class of its binary: systemd-confext serves confext."""
-    return "confext" if "systemd-confext" in os.path.basename(sys.argv[0]) else "sysext"
+    from overlayctl.personality import current
+    return "confext" if current().classes == ("confext",) else "sysext"
 
 
 def _options(argv: list[str], parser: Callable[[], Any]) -> Options:
@@ -874,6 +875,10 @@ def main(argv: list[str], parser: Callable[[], Any]) -> int | None:
         if not invoked():
             return None
         opts = _options(argv, parser)
+        if "SYSTEMD_EXEC_PID" in os.environ:
+            from overlayctl import kcmdline
+            if kcmdline.disabled(opts.cls):
+                return 0
         listeners, conns = activation()
     except OverlayctlError as e:
         msg = e.message[0].lower() + e.message[1:] if e.message else e.message

@@ -18,18 +18,20 @@ PKG = REPO / "overlayctl"
 RANKS: dict[str, int] = {
     "__main__": 100,
     "cli": 90, "varlink": 85,                # front ends (cli hands over to varlink)
+    "kcmdline": 84,                          # the kernel command line kill switch
     "localcli": 80,
     "local": 70,                             # local-change verbs call the engine to rebuild
     "engine": 60,                            # order of operations of merge/refresh/unmerge
     "attach": 50, "build": 48, "manifest": 47, "legacy": 46, "live": 45, "nested": 44,
     "rawimage": 43, "devices": 42, "dm": 42, "mountns": 41, "overlayfs": 40,
     "plan": 30,                              # pure
-    "policy": 29, "verity": 29,
-    "images": 28, "settings": 27, "release": 26, "versions": 25,
+    "verity": 29,
+    "images": 28, "settings": 27, "release": 26, "versions": 25, "policy": 24,
     "metadata": 29, "state": 20,
     "kernel": 10,
     "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "faults": 5,
     "busy": 5, "output": 5, "inuse": 5,
+    "personality": 3,
     "vocab": 2,
     "record": 1,
     "__init__": 0,
