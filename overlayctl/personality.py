@@ -20,7 +20,15 @@ if TYPE_CHECKING:
 VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
 LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup")
 
-_OPTIONS = """\
+def _options(local: bool) -> str:
+    """The options; LOCAL: with what only the local-change verbs use."""
+    dry_run = ("     --dry-run          With merge or refresh: print the plan, mount nothing;\n"
+               "                        with reset or cleanup: say what would be done\n"
+               if local else
+               "     --dry-run          With merge or refresh: print the plan, mount nothing\n")
+    content = ("     --content          With diff: print a unified diff of each modified file\n"
+               if local else "")
+    return f"""\
 Options:
   -h --help             Show this help
      --version          Show the version
@@ -37,13 +45,12 @@ Options:
                         Refresh even when nothing changed
      --image-policy=POLICY
                         Which raw images may be merged (systemd.image-policy(7))
-     --dry-run          With merge or refresh: print the plan, mount nothing;
-                        with reset or cleanup: say what would be done
+{dry_run}\
      --defaults=[HIERARCHY=]DIR
                         A tree of OS defaults (inside the root) as the lowest layer;
                         without HIERARCHY= it is for /etc
-     --content          With diff: print a unified diff of each modified file
-"""
+{content}"""
+
 
 _VERBS_HELP = """\
   status            Show the merge state of every hierarchy (default)
@@ -77,7 +84,7 @@ Verbs:
 {_LOCAL_HELP}
 Without sysext or confext, status, list, merge, unmerge and refresh act on both classes.
 
-{_OPTIONS}"""
+{_options(local=True)}"""
 
 
 def _systemd_help(prog: str, what: str) -> str:
@@ -88,7 +95,7 @@ usage: {prog} [OPTIONS...] [VERB]
 
 Verbs:
 {_VERBS_HELP}
-{_OPTIONS}
+{_options(local=False)}
 See overlayctl(8) for details.
 """
 

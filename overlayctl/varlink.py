@@ -140,6 +140,21 @@ error AlreadyMerged(
 )
 """)  # noqa: E501
 
+IO_SYSTEMD_SYSUPDATE_NOTIFY = _idl("""\
+interface io.systemd.SysUpdate.Notify
+
+type Resource(
+    transfer: string,
+    path: ?string
+)
+
+method OnCompletedUpdate(
+    component: ?string,
+    version: ?string,
+    resources: ?[]Resource
+) -> ()
+""")
+
 IO_SYSTEMD = _idl("""\
 interface io.systemd
 
@@ -382,7 +397,8 @@ class Call:
 
 # Methods that check their parameters themselves after validation, not with a dispatch table
 # that answers InvalidParameter.
-RAW_DISPATCH = {"org.varlink.service.GetInterfaceDescription"}
+RAW_DISPATCH = {"org.varlink.service.GetInterfaceDescription",
+                "io.systemd.SysUpdate.Notify.OnCompletedUpdate"}
 
 
 class Service:
@@ -391,8 +407,8 @@ class Service:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.interfaces = {i.name: i for i in map(parse_interface,
-                                                  (IO_SYSTEMD, IO_SYSTEMD_SYSEXT,
-                                                   ORG_VARLINK_SERVICE))}
+                                                  (IO_SYSTEMD, IO_SYSTEMD_SYSUPDATE_NOTIFY,
+                                                   IO_SYSTEMD_SYSEXT, ORG_VARLINK_SERVICE))}
         self.handlers: dict[str, Callable[[Call], list[dict[str, Any] | None]]] = {
             "org.varlink.service.GetInfo": self.get_info,
             "org.varlink.service.GetInterfaceDescription": self.get_interface_description,
@@ -400,6 +416,7 @@ class Service:
             "io.systemd.sysext.Unmerge": self.unmerge,
             "io.systemd.sysext.Refresh": self.refresh,
             "io.systemd.sysext.List": self.list_images,
+            "io.systemd.SysUpdate.Notify.OnCompletedUpdate": self.on_completed_update,
         }
 
     def call(self, method: str, call: Call) -> list[dict[str, Any] | None]:
@@ -418,8 +435,13 @@ class Service:
                 bad = undispatchable(m, call.params)
             if bad is not None:
                 raise VarlinkError(INVALID_PARAMETER, {"parameter": bad})
+        replies: list[dict[str, Any] | None] = self.call_engine(lambda: handler(call))
+        return replies
+
+    def call_engine(self, fn: Callable[[], Any]) -> Any:
+        """FN's result; its failures as the varlink errors upstream answers."""
         try:
-            return handler(call)
+            return fn()
         except VarlinkError:
             raise
         except OverlayctlError as e:
@@ -484,6 +506,32 @@ class Service:
         self._privileged(call)
         p, o = call.params, self.opts
         _unmerge(o, p.get("class", o.cls), no_reload=p.get("noReload", o.no_reload))
+        return [None]
+
+    # io.systemd.SysUpdate.Notify (262: systemd-sysupdate-notify-sysext.socket)
+
+    def on_completed_update(self, call: Call) -> list[dict[str, Any] | None]:
+        """systemd-sysupdate finished an update: refresh both classes (configuration
+        extensions first), as a refresh with the service's own options. Only root may
+        ask; the parameters (what was updated) do not matter. Both classes are refreshed
+        even when the first fails; the first failure is the reply."""
+        if call.peer_uid not in (None, 0):
+            from overlayctl import log as logger
+            logger.debug("Invoked by unprivileged Varlink peer, refusing.")
+            raise VarlinkError(PERMISSION_DENIED)
+        self._privileged(call)
+        o = self.opts
+        first: Exception | None = None
+        for cls in ("confext", "sysext"):
+            def refresh(c: str = cls) -> None:
+                _merge(o, c, refresh=True, force=o.force, no_reload=o.no_reload,
+                       noexec=o.noexec, always_refresh=o.always_refresh)
+            try:
+                self.call_engine(refresh)
+            except VarlinkError as e:
+                first = first or e
+        if first is not None:
+            raise first
         return [None]
 
     def list_images(self, call: Call) -> list[dict[str, Any] | None]:
