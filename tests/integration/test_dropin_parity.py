@@ -710,3 +710,22 @@ def test_no_service_manager_actions_with_root(root: Root, tmp_path: Path) -> Non
     for verb in (["merge"], ["refresh", "--always-refresh=yes"], ["unmerge"]):
         root.run("sysext", *verb, env=env, check=True)
     assert not log.exists(), log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# --root= (empty) is /, as upstream (read-only: status of the real hierarchies)
+
+def test_empty_root_is_slash_as_upstream(tmp_path: Path) -> None:
+    need_peer(PEER)
+    assert PEER is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYSTEMD_")}
+    out = {}
+    for who, cmd in (("oc", [sys.executable, "-m", "overlayctl", "sysext"]),
+                     ("up", [PEER.sysext])):
+        runs = [subprocess.run([*cmd, *root, "status", "--json=short"], capture_output=True,
+                               text=True, env={**env, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+                for root in (["--root="], [])]
+        assert [r.returncode for r in runs] == [0, 0], (who, runs)
+        assert runs[0].stdout == runs[1].stdout, who
+        out[who] = [(r["hierarchy"], r["extensions"]) for r in json.loads(runs[0].stdout)]
+    assert out["oc"] == out["up"]
