@@ -84,7 +84,8 @@ class Args:
 
 
 def _usage(msg: str) -> Exception:
-    return die(msg, "see overlayctl --help")
+    from overlayctl.personality import current
+    return die(msg, f"see {current().name} --help")
 
 
 def _long(name: str) -> str:

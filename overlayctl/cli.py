@@ -9,6 +9,7 @@ import sys
 from overlayctl import __version__, log
 from overlayctl.args import Args, parse
 from overlayctl.errors import OverlayctlError, die, hint_for
+from overlayctl.personality import become, current, personality
 from overlayctl.settings import (
     CLASSES,
     MUTABLE_MODES,
@@ -23,70 +24,7 @@ TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs 
 if TYPE_CHECKING:
     from typing import Any
 
-VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
-LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup", "commit")
 COMMIT_OPTIONS = ("format", "output", "any", "verity", "sign_key", "certificate")
-HELP = """\
-usage: overlayctl [OPTIONS...] [sysext|confext] [VERB]
-
-Merge system extensions (/usr, /opt) and configuration extensions (/etc) with overlayfs,
-compatible with systemd-sysext and systemd-confext.
-
-Verbs:
-  status            Show the merge state of every hierarchy (default)
-  list              List the extension images that were found
-  merge             Merge extensions into the hierarchies
-  unmerge           Unmerge extensions from the hierarchies
-  refresh           Unmerge and merge again, in one swap
-  help              Show this help
-
-Local changes against the layers below the upper (merged or not; see docs/defaults.md):
-  diff [PATH...]    Entries of the upper: added, modified, identical, deleted, opaque,
-                    type-changed, with the layer they shadow and default_changed
-  which PATH        Which layer provides PATH
-  reset PATH...     Drop the local copy or whiteout: back to what the layers below provide
-  pin PATH...       Copy a default up and keep it, even when identical (unpin: undo)
-  cleanup [HIERARCHY...]
-                    Drop identical copies, whiteouts of KeepDefaults paths, stale opaque
-                    markers
-  sysext|confext commit NAME
-                    Capture the upper layers of the class into the extension NAME
-                    (/var/lib/confexts/NAME.raw, /var/lib/extensions/NAME.raw)
-
-Without sysext or confext, status, list, merge, unmerge and refresh act on both classes.
-
-Options:
-  -h --help             Show this help
-     --version          Show the version
-     --root=PATH        Operate on the tree below PATH instead of /
-     --json=pretty|short|off
-                        Print JSON
-     --no-pager         Do not pipe output into a pager (accepted; overlayctl has none)
-     --no-legend        Do not show headers and footers
-     --mutable=MODE     no, auto, yes, import, ephemeral, ephemeral-import (or help)
-     --force            Merge extensions even when their release files do not match
-     --noexec=BOOL      Force noexec on or off on the merged hierarchies
-     --no-reload        Do not reload the service manager
-     --always-refresh=BOOL
-                        Refresh even when nothing changed
-     --image-policy=POLICY
-                        Which raw images may be merged, and how they must be protected
-                        (dm-verity, signed; systemd.image-policy(7)). Default: any
-                        protection of the root and /usr partitions (/etc: root only)
-     --dry-run          With merge or refresh: print the plan, mount nothing;
-                        with reset, cleanup or commit: say what would be done
-     --defaults=[HIERARCHY=]DIR
-                        A tree of OS defaults (inside the root) as the lowest layer;
-                        without HIERARCHY= it is for /etc
-     --content          With diff: print a unified diff of each modified file
-     --format=squashfs|erofs|directory
-                        With commit: what to write (default squashfs)
-     --output=PATH      With commit: where to write it (inside the root)
-     --any              With commit: ID=_any instead of the host's ID and VERSION_ID
-     --verity           With commit: write NAME.verity and NAME.roothash
-     --sign-key=KEY --certificate=CRT
-                        With commit: also sign the root hash (NAME.roothash.p7s)
-"""
 
 
 def _since(us: int | None) -> str:
@@ -210,17 +148,27 @@ def _root(value: str) -> str:
     return root
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], argv0: str | None = None) -> int:
+    """One invocation; ARGV0 (default sys.argv[0]) picks the personality."""
+    me = personality(sys.argv[0] if argv0 is None else argv0)
+    become(me)
     args = parse(argv)
     if args.help:
-        sys.stdout.write(HELP)
+        sys.stdout.write(me.help)
         return 0
     if args.version:
-        print(f"overlayctl {__version__}")
+        print(me.version.format(version=__version__))
         return 0
     words = list(args.words)
-    classes = list(CLASSES) if not words or words[0] not in CLASSES else [words.pop(0)]
+    picked = me.class_word and words and words[0] in CLASSES
+    classes: list[str] = [words.pop(0)] if picked else list(me.classes)
     verb = words.pop(0) if words else "status"
+    if "SYSTEMD_EXEC_PID" in os.environ:
+        # Started by the service manager: the kernel command line may switch a class off.
+        from overlayctl import kcmdline
+        classes = [c for c in classes if not kcmdline.disabled(c)]
+        if not classes:
+            return 0
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
     if args.image_policy is not None:
         # As upstream: a policy that does not parse fails every verb, before anything is
@@ -229,19 +177,18 @@ def run(argv: list[str]) -> int:
     if verb != "commit" and any(getattr(args, o) for o in COMMIT_OPTIONS):
         raise die("--format, --output, --any, --verity, --sign-key and --certificate go "
                   "with commit only", "e.g. overlayctl confext commit site --verity")
-    if verb in LOCAL_VERBS:
+    if verb in me.local_verbs:
         args.root = _root(args.root)
         args.classes = classes
         from overlayctl import localcli
         return localcli.run(verb, words, args)
-    if verb not in VERBS:
-        raise die(f"unknown verb '{verb}'",
-                  f"use one of: {', '.join(VERBS + LOCAL_VERBS)}")
+    if verb not in me.verbs:
+        raise die(f"unknown verb '{verb}'", f"use one of: {', '.join(me.verbs)}")
     if verb == "help":
-        sys.stdout.write(HELP)
+        sys.stdout.write(me.help)
         return 0
     if words:
-        raise die(f"'{verb}' takes no arguments: {' '.join(words)}", "see overlayctl --help")
+        raise die(f"'{verb}' takes no arguments: {' '.join(words)}", f"see {me.name} --help")
     args.mutable_mode = None
     if args.mutable is not None:
         if args.mutable == "help":
@@ -278,6 +225,7 @@ def _die_of_sigpipe() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    become(personality(sys.argv[0]))
     if "LISTEN_FDS" in os.environ or "SYSTEMD_VARLINK_LISTEN" in os.environ:
         # Socket-activated (systemd, varlinkctl exec:): maybe the io.systemd.sysext service.
         from overlayctl import varlink
@@ -307,6 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("OVERLAYCTL_DEBUG") == "1":
             raise
-        print(f"overlayctl: internal error: {e!r} (this is a bug; OVERLAYCTL_DEBUG=1 shows "
-              "where)", file=sys.stderr)
+        print(f"{current().name}: internal error: {e!r} (this is a bug; OVERLAYCTL_DEBUG=1 "
+              "shows where)", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from contextlib import ExitStack
 
 from overlayctl import attach, faults, live, log, metadata, state
@@ -24,7 +25,8 @@ from overlayctl.metadata import Origin
 from overlayctl.mountns import Locked, lock
 from overlayctl.paths import chase, inside
 from overlayctl.plan import HierarchyPlan, make_plan
-from overlayctl.release import check_compatible, host_os_release, parse_boolean
+from overlayctl.record import Record
+from overlayctl.release import check_compatible, host_os_release, parse_boolean, shown
 from overlayctl.settings import Settings
 from overlayctl.state import Manifest, MergeRecord
 
@@ -106,6 +108,8 @@ def accepted_images(s: Settings, stack: ExitStack,
     scope = "initrd" if s.initrd else "system"
     accepted: list[Image] = []
     ignored = 0
+    if s.force:
+        log.debug("Force mode enabled, skipping version validation.")
     for img in images:
         if img.source and s.cls.name == "sysext" and not s.force and img.tree_path(
                 "/usr/lib/os-release"):
@@ -115,13 +119,20 @@ def accepted_images(s: Settings, stack: ExitStack,
         if s.force:
             accepted.append(img)
             continue
+        problem = img.release.problem if img.release else None
+        if problem:
+            log.warning(f"Ignoring extension '{img.name}': its extension-release file {problem}.")
+            ignored += 1
+            continue
         reason = check_compatible(img.release.data if img.release and img.release.path else None,
                                   host, s.cls.info, scope, img.name)
         if reason:
             log.info(f"Ignoring extension '{img.name}': {reason}.")
             ignored += 1
             continue
-        log.debug(f"Extension '{img.name}' ({img.source or img.path}) is compatible.")
+        ext_id = img.release.data.get("ID", "") if img.release else ""
+        log.debug(f"Extension '{img.name}' ({img.source or img.path}) matches "
+                  f"'{shown(ext_id)}' OS: compatible.")
         accepted.append(img)
     if accepted:
         log.info("Using extensions " + ", ".join(f"'{i.name}'" for i in accepted) + ".")
@@ -198,17 +209,18 @@ def _with_merged_mode(s: Settings, merged: list[str]) -> Settings:
 class Prepared:
     """One class of a merge or refresh call, built and ready to attach."""
 
-    __slots__ = ("settings", "accepted", "staged", "drop", "manifests", "journal")
+    __slots__ = ("settings", "accepted", "staged", "drop", "manifests", "journal", "actions")
 
     def __init__(self, settings: Settings, accepted: list[Image], staged: attach.Staged | None,
                  drop: list[tuple[str, str]], manifests: dict[str, Manifest],
-                 journal: str) -> None:
+                 journal: str, actions: ManagerActions) -> None:
         self.settings = settings
         self.accepted = accepted
         self.staged = staged
         self.drop = drop                 # (hierarchy, target) merged now, no overlay after
         self.manifests = manifests       # hierarchy -> manifest to save once merged
         self.journal = journal
+        self.actions = actions           # for the service manager, after the commit
 
 
 def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack,
@@ -220,6 +232,10 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
     targets = [(h, t) for h in s.hierarchies
                if (t := chase(s.root, h, must_exist=True)) is not None]
     merged = [t for _, t in targets if os.path.isdir(t) and live.is_ours(t, s.cls)]
+    for h in s.hierarchies:
+        t = next((t for hh, t in targets if hh == h), None)
+        log.debug(f"Hierarchy '{h}' does not exist in {s.root}." if t is None else
+                  f"Hierarchy '{t}' is {'merged' if t in merged else 'not merged'}.")
     journal = state.journal_path(s.root, s.cls.name)
     interrupted = os.path.exists(journal) or any(live.stacked_ours(t) > 1 for t in merged)
     if merged and interrupted and not s.dry_run:
@@ -233,19 +249,28 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
         s = _with_merged_mode(s, merged)
     drop_all = [(h, t) for h, t in targets if t in merged]
     if not accepted and s.mutable == "no" and not s.defaults:
-        return [] if s.dry_run else Prepared(s, accepted, None, drop_all, {}, journal)
+        # Nothing to merge: a refresh unmerges, and acts on what the merged extensions ask.
+        return [] if s.dry_run else Prepared(s, accepted, None, drop_all, {}, journal,
+                                             _wanted_by_merged(s))
     views = live.plain_views(merged, s.cls, stack)
     live_work = {t: w for t in merged
                  if (w := metadata.read_merged(t, s.cls).work_dir) is not None}
     plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t), live_work)
+    for p in plans:
+        _log_plan(p)
     if s.dry_run:
         return [_shown_plan(p.as_json(), views) for p in plans]
     origin = origin_of(s, plans, accepted)
-    if (refresh and merged and not s.always_refresh and not interrupted
-            and _unchanged(s, merged, origin)):
-        log.info("Skipping extension refresh because no change was found, use "
-                 "--always-refresh=yes to always do a refresh.")
-        return None
+    if refresh and merged and not interrupted:
+        if not _unchanged(s, merged, origin):
+            log.debug("Found changes based on origin entry, continuing with the refresh.")
+        elif s.always_refresh:
+            log.debug("No change found based on origin entry but continuing as requested by "
+                      "--always-refresh=yes.")
+        else:
+            log.info("Skipping extension refresh because no change was found, use "
+                     "--always-refresh=yes to always do a refresh.")
+            return None
     manifests: dict[str, Manifest] = {}
     if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
         from overlayctl import manifest
@@ -263,7 +288,20 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
     staged = attach.build_all(locked, s, plans, origin, views, replace=refresh, carry=carry,
                               stack=stack)
     drop = [(p.hierarchy, p.target) for p in plans if not p.merge and p.target in merged]
-    return Prepared(s, accepted, staged, drop, manifests, journal)
+    actions = _wanted(s, accepted) if staged.built else ManagerActions()
+    return Prepared(s, accepted, staged, drop, manifests, journal, actions)
+
+
+def _log_plan(p: HierarchyPlan) -> None:
+    """At debug level: the overlay a hierarchy gets (upstream logs its mount(2) call)."""
+    if not p.merge:
+        log.debug(f"Not merging '{p.target}': {p.skip_reason}.")
+        return
+    layers = ":".join(layer.describe() for layer in p.lowers)
+    upper = (f", upperdir={p.upperdir}, workdir={p.workdir}" if p.upper_kind != "ephemeral"
+             else ", upperdir and workdir on a private tmpfs") if p.upper_kind else ""
+    log.debug(f"Overlay for '{p.target}' (mutable={p.mode}): lowerdir={layers}{upper}, "
+              f"options '{','.join(p.fs_options)}', mount flags {','.join(p.vfs_options)}.")
 
 
 def _shown_plan(j: dict[str, Any], views: dict[str, live.PlainView]) -> dict[str, Any]:
@@ -323,7 +361,7 @@ def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
 def _commit(locked: Locked, prepared: list[Prepared]) -> None:
     """Everything is in place: unmerge what lost its content, save the records, and the
     manifests, drop the journals (a kill before this completes the call next time)."""
-    reload = False
+    actions = ManagerActions()
     for p in prepared:
         s = p.settings
         for h, t in p.drop:
@@ -340,10 +378,8 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
                 log.warning(f"Could not save the merge record of {b.plan.hierarchy}: "
                             f"{e.strerror}")
         state.drop_journal(p.journal)
-        if p.staged and p.staged.built and _reload_wanted(s, p.accepted):
-            reload = True
-    if reload:
-        _daemon_reload()
+        actions = actions + p.actions
+    apply_actions(actions)
 
 
 def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
@@ -395,11 +431,10 @@ def unmerge(settings: list[Settings]) -> None:
     done = 0
     with lock(settings[0].root) as locked:
         for s in settings:
-            # As upstream: decided before unmounting (from the merged tree), reloaded after.
-            reload = _reload_wanted_by_merged(s)
+            # As upstream: decided before unmounting (from the merged tree), done after.
+            actions = _wanted_by_merged(s)
             done += len(live.unmerge(locked, s))
-            if reload:
-                _daemon_reload()
+            apply_actions(actions)
     if done == 0:
         log.info("No merged hierarchies found.")
 
@@ -414,34 +449,98 @@ def unmerge_dry_run(s: Settings) -> list[str]:
 
 
 def _reload_possible(s: Settings) -> bool:
+    """The service manager is only told anything with --root=/ (or none), without
+    --no-reload, and where systemd runs (sd_booted: /run/systemd/system exists)."""
     return not s.no_reload and s.root == "/" and os.path.isdir("/run/systemd/system")
 
 
-def _reload_wanted(s: Settings, images: list[Image]) -> bool:
-    """EXTENSION_RELOAD_MANAGER=1 in a merged extension: reload the service manager, unless
-    --no-reload or --root (which implies it), and only where systemd runs."""
-    if not _reload_possible(s):
-        return False
-    want = False
-    for img in images:
-        value = img.release.data.get("EXTENSION_RELOAD_MANAGER") if img.release else None
-        if value is None:
-            continue
-        b = parse_boolean(value)
-        if b is None:
-            log.warning(f"Ignoring EXTENSION_RELOAD_MANAGER={value} of '{img.name}': not a "
-                        "boolean.")
-        want = want or bool(b)
-    return want
+UNIT_TYPES = ("service", "socket", "target", "device", "mount", "automount", "swap", "timer",
+              "path", "slice", "scope")
+_UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\-]+")
 
 
-def _reload_wanted_by_merged(s: Settings) -> bool:
-    """Does a merged extension ask for a service-manager reload (EXTENSION_RELOAD_MANAGER)?
-    Read from the release files in the merged tree."""
-    from overlayctl.release import parse_env_file
-    if not _reload_possible(s):
+def unit_name_valid(name: str) -> bool:
+    """systemd's unit_name_is_valid() for a unit that can be started: NAME.TYPE or
+    TEMPLATE@INSTANCE.TYPE (not a bare template), at most 255 characters of the unit-name
+    alphabet."""
+    if not name or len(name) > 255:
         return False
+    prefix, dot, utype = name.rpartition(".")
+    if not dot or utype not in UNIT_TYPES or not prefix:
+        return False
+    base, at, instance = prefix.partition("@")
+    if not base or (at and (not instance or "@" in instance)):
+        return False
+    return all(_UNIT_CHARS.fullmatch(p) for p in (base, instance) if p)
+
+
+class ManagerActions(Record):
+    """What the merged extensions ask of the service manager: a daemon-reload, units to
+    restart and units to reload (or restart, when they cannot reload)."""
+
+    __slots__ = ("reload", "restart", "reload_or_restart")
+    reload: bool
+    restart: tuple[str, ...]
+    reload_or_restart: tuple[str, ...]
+
+    def __init__(self, reload: bool = False, restart: tuple[str, ...] = (),
+                 reload_or_restart: tuple[str, ...] = ()) -> None:
+        self._fill(locals())
+
+    def __add__(self, other: ManagerActions) -> ManagerActions:
+        restart = tuple(dict.fromkeys(self.restart + other.restart))
+        return ManagerActions(
+            self.reload or other.reload, restart,
+            tuple(u for u in dict.fromkeys(self.reload_or_restart + other.reload_or_restart)
+                  if u not in restart))
+
+
+def manager_actions(releases: list[tuple[str, dict[str, str]]]) -> ManagerActions:
+    """The actions (extension name, its extension-release data) ask for: 262's
+    EXTENSION_RELOAD_MANAGER=, EXTENSION_RESTART_UNITS= and EXTENSION_RELOAD_OR_RESTART_UNITS=.
+    Listing a unit implies the reload; a unit in both lists is only restarted; invalid unit
+    names and non-boolean values are warned about and ignored."""
+    reload = False
+    restart: list[str] = []
+    reload_or_restart: list[str] = []
+    for name, data in releases:
+        value = data.get("EXTENSION_RELOAD_MANAGER")
+        if value:
+            b = parse_boolean(value)
+            if b is None:
+                log.warning(f"Failed to parse EXTENSION_RELOAD_MANAGER={shown(value)} of "
+                            f"'{name}', ignoring it: not a boolean.")
+            reload = reload or bool(b)
+        for key, out in (("EXTENSION_RESTART_UNITS", restart),
+                         ("EXTENSION_RELOAD_OR_RESTART_UNITS", reload_or_restart)):
+            for unit in data.get(key, "").split():
+                if not unit_name_valid(unit):
+                    log.warning(f"Invalid unit name '{shown(unit)}' in {key}= of '{name}', "
+                                "ignoring.")
+                    continue
+                reload = True
+                out.append(unit)
+    return ManagerActions(reload) + ManagerActions(False, tuple(restart),
+                                                   tuple(reload_or_restart))
+
+
+def _wanted(s: Settings, images: list[Image]) -> ManagerActions:
+    """What the extensions just merged ask for (nothing with --no-reload or --root, or
+    without systemd)."""
+    if not _reload_possible(s):
+        return ManagerActions()
+    return manager_actions([(img.name, img.release.data) for img in images
+                            if img.release and img.release.path])
+
+
+def _wanted_by_merged(s: Settings) -> ManagerActions:
+    """What the extensions merged now ask for, read from the release files in the merged
+    tree (as upstream: decided before unmerging, done after)."""
+    from overlayctl.release import EnvFileError, parse_env_file
+    if not _reload_possible(s):
+        return ManagerActions()
     release_dir = "/" + s.cls.info.release_dir
+    releases: list[tuple[str, dict[str, str]]] = []
     for h in s.hierarchies:
         t = chase(s.root, h, must_exist=True)
         if t is None or not os.path.isdir(t) or not live.is_ours(t, s.cls):
@@ -451,20 +550,69 @@ def _reload_wanted_by_merged(s: Settings) -> bool:
         d = t + release_dir[len(h.rstrip("/")):]
         for name in metadata.read_merged(t, s.cls).names:
             try:
-                data = parse_env_file(os.path.join(d, f"extension-release.{name}"))
-            except OSError:
-                continue
-            if parse_boolean(data.get("EXTENSION_RELOAD_MANAGER", "")):
-                return True
-    return False
+                releases.append((name, parse_env_file(
+                    os.path.join(d, f"extension-release.{name}"))))
+            except (OSError, EnvFileError) as e:
+                log.debug(f"Failed to parse extension-release metadata of {name}, ignoring: "
+                          f"{e}")
+    return manager_actions(releases)
 
 
-def _daemon_reload() -> None:
+def _systemctl(*args: str) -> tuple[int, str]:
     import subprocess
-    r = subprocess.run(["systemctl", "daemon-reload"], check=False)
-    if r.returncode != 0:
-        raise die("the service manager could not be reloaded (systemctl daemon-reload failed)",
-                  "check 'journalctl -b' and reload by hand")
+    r = subprocess.run(["systemctl", *args], check=False, capture_output=True, text=True)
+    return r.returncode, (r.stderr.strip().splitlines() or [""])[-1]
+
+
+def apply_actions(a: ManagerActions) -> None:
+    """Reload the service manager, then restart and reload-or-restart the units, as 262 does
+    over D-Bus (RestartUnit, ReloadOrRestartUnit, mode replace, waiting for each job). A unit
+    that is gone (its file left with an unmerged extension) is stopped instead, so that it
+    does not stay behind running. A unit that fails is warned about; the verb still succeeds.
+    While the system boots, jobs are queued without waiting: the unit may be ordered after
+    the very target this call is part of."""
+    if a.reload:
+        log.debug("Reloading the service manager.")
+        rc, err = _systemctl("daemon-reload")
+        if rc != 0:
+            raise die(f"the service manager could not be reloaded (systemctl daemon-reload: "
+                      f"{err})", "check 'journalctl -b' and reload by hand")
+    if not a.restart and not a.reload_or_restart:
+        return
+    booting = ["--no-block"] if _system_state() in ("initializing", "starting") else []
+    for verb, method, units in (("restart", "RestartUnit", a.restart),
+                                ("reload-or-restart", "ReloadOrRestartUnit",
+                                 a.reload_or_restart)):
+        for unit in units:
+            log.debug(f"Calling {method} for unit '{unit}'.")
+            rc, err = _systemctl(*booting, verb, unit)
+            if rc == 0:
+                continue
+            if _load_state(unit) in ("not-found", "error", "bad-setting"):
+                # Gone with the extension, maybe still running: stop it.
+                rc, err = _systemctl(*booting, "stop", unit)
+                if rc == 0:
+                    log.debug(f"Stopped unit '{unit}', which is gone.")
+                elif "not loaded" in err:
+                    log.debug(f"Unit '{unit}' is already gone, nothing to stop.")
+                else:
+                    log.warning(f"Failed to StopUnit unit '{unit}': {err}")
+                continue
+            log.warning(f"Failed to {method} unit '{unit}': {err}")
+
+
+def _system_state() -> str:
+    import subprocess
+    r = subprocess.run(["systemctl", "is-system-running"], check=False, capture_output=True,
+                       text=True)
+    return r.stdout.strip()
+
+
+def _load_state(unit: str) -> str:
+    import subprocess
+    r = subprocess.run(["systemctl", "show", "--property=LoadState", "--value", unit],
+                       check=False, capture_output=True, text=True)
+    return r.stdout.strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,10 +675,14 @@ def list_rows(s: Settings) -> list[dict[str, Any]]:
     """Every image of S's class (upstream's keys, plus "class"); raw images also say how
     they are protected and whether the image policy allows them ("refused": why not).
     Refused and broken images are listed too."""
+    from overlayctl.kernel import birth_time_us
     rows = []
     for img in discover(s):
+        # "time": a directory's creation time, as upstream (its mtime says nothing about
+        # the tree below), a file's modification time.
         row: dict[str, Any] = {"name": img.name, "type": img.type, "path": img.path,
-                               "time": img.mtime_us, "class": s.cls.name}
+                               "time": (birth_time_us(img.path) if img.type == "directory"
+                                        else img.mtime_us), "class": s.cls.name}
         if img.type in ("raw", "block"):
             row.update(_list_protection(s, img))
         rows.append(row)

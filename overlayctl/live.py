@@ -178,6 +178,7 @@ def unmerge(locked: Locked, s: Settings) -> list[str]:
     for h in s.hierarchies:
         target = chase(s.root, h, must_exist=True)
         if target is None or not os.path.isdir(target) or not is_ours(target, s.cls):
+            log.debug(f"Hierarchy '{target or h}' is not merged, skipping.")
             continue
         unmerge_one(locked, s, h, target)
         done.append(target)

@@ -7,6 +7,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from overlayctl import log
 from overlayctl.errors import die
 from overlayctl.images import Image
 from overlayctl.paths import chase, inside, is_empty_dir, single_component
@@ -213,11 +214,15 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             continue   # a raw image that was not mounted
         lp = img.tree_path(hierarchy)
         if lp is None:
+            log.debug(f"Hierarchy '{hierarchy}' in extension '{img.name}' doesn't exist, not "
+                      "merging.")
             continue
         if not os.path.isdir(lp):
             raise die(f"extension '{img.name}': {inside(img.path, lp)} in {img.path} is not a "
                       "directory", f"make {hierarchy} a directory in the extension or remove it")
         if is_empty_dir(lp):
+            log.debug(f"Hierarchy '{hierarchy}' in extension '{img.name}' is empty, not "
+                      "merging.")
             continue
         ext_layers.append(Layer("extension", lp, img.name, img.source,
                                 img.protection.to_json() if img.protection else None))
@@ -236,6 +241,8 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             defaults = None
 
     if not ext_layers and mode == "no" and defaults is None:
+        log.debug(f"No extension has content for '{hierarchy}' and mutability is disabled: "
+                  "not merging it.")
         return HierarchyPlan(hierarchy=hierarchy, target=target, mode=mode, merge=False,
                              skip_reason="no extension has content for it", extensions=names,
                              top_mode=top_mode)
@@ -245,6 +252,13 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     mpath_unresolved = f"{MUTABLE_ROOT}/{name}"
     mdir = (chase(root, mpath_unresolved, must_exist=True)
             if mode in ("yes", "auto", "import", "ephemeral-import") else None)
+    if mode in ("no", "ephemeral"):
+        how = "disabled" if mode == "no" else "ephemeral"
+        log.debug(f"Mutability for hierarchy '{hierarchy}' is {how}, not resolving mutable "
+                  "directory.")
+    elif mdir is None:
+        log.debug(f"No mutable directory found for '{hierarchy}' "
+                  f"({root.rstrip('/')}{mpath_unresolved}).")
     if mdir is not None and not os.path.isdir(mdir):
         raise die(f"mutable directory {mdir} is not a directory",
                   f"remove it or make {root.rstrip('/')}{mpath_unresolved} a directory")
@@ -314,9 +328,17 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
 
     lowers: list[Layer] = [Layer("meta", None)]
     if import_dir:
+        log.debug(f"Importing mutable directory {import_dir} as a lower layer of "
+                  f"'{hierarchy}'.")
         lowers.append(Layer("import", import_dir))
     lowers.extend(ext_layers)
     base_used = base_nonempty and upper_kind != "host" and not self_import
+    if upper_kind == "host":
+        log.debug(f"Host hierarchy '{target}' will serve as upperdir.")
+    elif not base_exists:
+        log.debug(f"Host hierarchy '{target}' does not exist, will not be used as lowerdir.")
+    elif not base_nonempty:
+        log.debug(f"Host hierarchy '{target}' is empty, will not be used as lower dir.")
     if base_used:
         lowers.append(Layer("base", view))
     if defaults is not None:

@@ -7,7 +7,7 @@ import os
 
 from overlayctl import log
 from overlayctl.errors import die
-from overlayctl.paths import chase
+from overlayctl.paths import chase, chase_strict
 from overlayctl.record import Record
 from overlayctl.release import ClassInfo, parse_boolean
 from overlayctl.vocab import MUTABLE_MODES
@@ -101,18 +101,73 @@ def class_hierarchies(cls: ExtClass) -> tuple[str, ...]:
     return parse_hierarchies(value, env) if value is not None else cls.hierarchies
 
 
-def read_ini(root: str, base: str, section: str) -> dict[str, str]:
-    """The last assignment of each key (see read_ini_items)."""
-    return {k: v for k, v, _ in read_ini_items(root, base, section)}
+# The keys systemd-sysext/-confext know in their own section; the other sections of
+# overlayctl's own files.
+SYSTEMD_KEYS = ("Mutable", "ImagePolicy")
+LONG_LINE_MAX = 1024 * 1024
 
 
-def read_ini_items(root: str, base: str, section: str) -> list[tuple[str, str, str]]:
-    """KEY=VALUE settings of [SECTION] from BASE (a path below each of CONF_DIRS' parents:
-    /etc, /run, /usr/local/lib, /usr/lib) and BASE.d/*.conf drop-ins, systemd style."""
+class _ConfigFailed(Exception):
+    """A problem for which systemd's config parser refuses the whole configuration."""
+
+
+def read_ini(root: str, base: str, section: str,
+             sections: dict[str, tuple[str, ...] | None] | None = None) -> dict[str, str]:
+    """The last assignment of each key of SECTION (see read_ini_items)."""
+    return {k: v for sec, k, v, _ in read_ini_items(root, base, sections or {section: None})
+            if sec == section}
+
+
+def read_ini_items(root: str, base: str, sections: dict[str, tuple[str, ...] | None]
+                   ) -> list[tuple[str, str, str, str]]:
+    """(section, key, value, where) of every assignment in BASE (the first of /etc, /run,
+    /usr/local/lib, /usr/lib below ROOT that has it) and its BASE.d/*.conf drop-ins (a name
+    in an earlier directory masks it in later ones; applied in name order), read as
+    systemd's config parser does, with its warnings. SECTIONS names the known sections and
+    their keys (None: any key). WHERE is FILE:LINE, for messages.
+
+    As systemd, a problem in any file that its parser treats as fatal (a directory or a
+    symlink loop where a file should be, an unreadable file, a line that is not UTF-8, a
+    broken section header, an unparsable ImagePolicy=) makes the whole configuration
+    ignored, with a warning; an unknown section or key, or a line that is no assignment, is
+    warned about and skipped."""
+    try:
+        files = _config_files(root, base)
+        out: list[tuple[str, str, str, str]] = []
+        for f in files:
+            out.extend(_parse_ini(f, sections))
+        return out
+    except _ConfigFailed as e:
+        log.warning(f"{e}; ignoring all of {base} and its drop-ins, as systemd does")
+        return []
+
+
+def _config_file(root: str, rel: str, *, main: bool) -> str | None:
+    """The host path of config file REL, None if it does not exist (or, as a drop-in, is a
+    symlink loop: skipped with a warning, as systemd)."""
+    import errno
+    shown = os.path.join(root, rel.lstrip("/"))
+    try:
+        p = chase_strict(root, rel)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        if not main and e.errno == errno.ELOOP:
+            log.warning(f"{shown}: too many levels of symbolic links; ignoring this drop-in")
+            return None
+        raise _ConfigFailed(f"cannot open {shown}: {e.strerror}") from None
+    if os.path.isdir(p):
+        raise _ConfigFailed(f"cannot open {shown}: it is a directory, not a file")
+    if not os.path.isfile(p):
+        raise _ConfigFailed(f"cannot open {shown}: it is not a regular file")
+    return p
+
+
+def _config_files(root: str, base: str) -> list[str]:
     files: list[str] = []
     for d in CONF_PARENTS:
-        p = chase(root, f"{d}/{base}", must_exist=True)
-        if p and os.path.isfile(p):
+        p = _config_file(root, f"{d}/{base}", main=True)
+        if p:
             files.append(p)
             break
     dropins: dict[str, str] = {}
@@ -122,34 +177,102 @@ def read_ini_items(root: str, base: str, section: str) -> list[tuple[str, str, s
             continue
         for name in os.listdir(dd):
             if name.endswith(".conf") and name not in dropins:
-                dropins[name] = os.path.join(dd, name)
-    files.extend(dropins[n] for n in sorted(dropins))
-    result: list[tuple[str, str, str]] = []
-    for f in files:
-        try:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                text = fh.read()
-        except OSError as e:
-            log.warning(f"cannot read {f}: {e.strerror}; ignoring it")
+                dropins[name] = f"{d}/{base}.d/{name}"
+    for n in sorted(dropins):
+        p = _config_file(root, dropins[n], main=False)
+        if p:
+            files.append(p)
+    return files
+
+
+def _parse_ini(path: str, sections: dict[str, tuple[str, ...] | None]
+               ) -> list[tuple[str, str, str, str]]:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise _ConfigFailed(f"cannot read {path}: {e.strerror}") from None
+    log.debug(f"Reading configuration file {path}.")
+    out: list[tuple[str, str, str, str]] = []
+    section: str | None = None
+    ignored = False
+    pending: str | None = None
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]
+    todo: list[bytes | None] = [*lines, None]     # None: the end, to finish a continuation
+    for n, raw in enumerate(todo, 1):
+        where = f"{path}:{n}"
+        if raw is None:
+            if pending is None:
+                break
+            text, pending = pending, None
+        else:
+            if len(raw) > LONG_LINE_MAX:
+                raise _ConfigFailed(f"{where}: line longer than {LONG_LINE_MAX} bytes")
+            if raw.lstrip(b" \t")[:1] in (b"#", b";"):
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _ConfigFailed(f"{where}: not UTF-8 clean: "
+                                    f"{raw.decode('utf-8', 'replace')}") from None
+            if pending is not None:
+                text, pending = pending + text, None
+            stripped = text.rstrip("\\")
+            if (len(text) - len(stripped)) % 2:
+                pending = text[:-1] + " "
+                continue
+        line = text.strip(" \t")
+        if not line:
             continue
-        current = None
-        for line in text.splitlines():
-            line = line.strip()
-            if not line or line[0] in "#;":
-                continue
-            if line.startswith("[") and line.endswith("]"):
-                current = line[1:-1]
-                continue
-            if current != section or "=" not in line:
-                continue
-            k, _, v = line.partition("=")
-            result.append((k.strip(), v.strip(), f))
-    return result
+        if line.startswith("["):
+            if len(line) < 2 or not line.endswith("]"):
+                raise _ConfigFailed(f"{where}: invalid section header '{line}'")
+            section = line[1:-1]
+            ignored = section not in sections
+            if ignored and not section.startswith("X-"):
+                log.warning(f"{where}: unknown section [{section}], ignoring it")
+            continue
+        if section is None:
+            log.warning(f"{where}: assignment outside of any section, ignoring it")
+            continue
+        if ignored:
+            continue
+        key, eq, value = line.partition("=")
+        if not eq:
+            log.warning(f"{where}: missing '=', ignoring the line")
+            continue
+        key, value = key.strip(" \t"), value.strip(" \t")
+        if not key:
+            log.warning(f"{where}: missing key name before '=', ignoring the line")
+            continue
+        known = sections[section]
+        if known is not None and key not in known:
+            if not key.startswith("X-"):
+                log.warning(f"{where}: unknown key '{key}' in section [{section}], ignoring it")
+            continue
+        if key == "ImagePolicy" and value:
+            from overlayctl.policy import PolicyError, parse_policy
+            try:
+                parse_policy(value, graceful=True, source=f"{where}: ImagePolicy")
+            except PolicyError as e:
+                raise _ConfigFailed(e.message) from None
+        out.append((section, key, value, where))
+    return out
 
 
 def read_config(root: str, cls: ExtClass) -> dict[str, str]:
     """[SysExt]/[ConfExt] of systemd's sysext.conf/confext.conf and drop-ins."""
-    return read_ini(root, f"systemd/{cls.name}.conf", cls.section)
+    return {k: v for _, k, v, _ in read_ini_items(root, f"systemd/{cls.name}.conf",
+                                                  {cls.section: SYSTEMD_KEYS})}
+
+
+OWN_SECTIONS: dict[str, tuple[str, ...] | None] = {
+    "Defaults": None,
+    "Cleanup": ("KeepDefaults", "KeepDefaultsFile", "KeepUserDatabase", "IgnoreXattrs")}
 
 
 class Settings(Record):
@@ -215,16 +338,17 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
             mutable, source = m, f"${env_m}"
     if cli_mutable is not None:
         mutable, source = cli_mutable, "--mutable"
-    items = read_ini_items(root, f"systemd/{cls.name}.conf", cls.section)
+    items = read_ini_items(root, f"systemd/{cls.name}.conf", {cls.section: SYSTEMD_KEYS})
     conf_policy, items = _config_policy(items, cls.name)
-    conf = {k: v for k, v, _ in items}
+    conf = {k: v for _, k, v, _ in items}
     if source == "default":
-        for key, value, path in items:
+        for _, key, value, where in items:
             if key != "Mutable":
                 continue
             m = parse_mutable(value)
             if m is None:
-                log.warning(f"ignoring Mutable={value} in {path}: not a mutable mode")
+                log.warning(f"{where}: cannot parse Mutable={value}, ignoring it "
+                            f"(use one of {', '.join(MUTABLE_MODES)}, or a boolean)")
             else:
                 # The last valid assignment wins, as in systemd's config parser.
                 mutable, source = m, f"{cls.name}.conf"
@@ -232,17 +356,19 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
     if image_policy is not None:
         policy = parse_image_policy(image_policy)
     ours = f"overlayctl/{cls.name}.conf"
+    own = read_ini_items(root, ours, OWN_SECTIONS)
     dflt: dict[str, str] = {}
-    for h, d in read_ini(root, ours, "Defaults").items():
+    for _, h, d, where in (i for i in own if i[0] == "Defaults"):
         if h in all_h:
             dflt[h] = d
         else:
-            log.warning(f"ignoring [Defaults] {h}= in {ours}: not a hierarchy of {cls.name}")
+            log.warning(f"{where}: ignoring [Defaults] {h}=: not a hierarchy of {cls.name}")
     for h, d in (defaults or {}).items():
         h = h or ("/etc" if cls.name == "confext" else "")
         if h in all_h:
             dflt[h] = d
-    keep = read_ini(root, ours, "Cleanup").get("KeepDefaults", "")
+    keep = next((v for sec, k, v, _ in reversed(own) if sec == "Cleanup"), "")
+    log.debug(f"{cls.name}: mutable mode '{mutable}' (from {source}).")
     return Settings(
         root=root, cls=cls, hierarchies=hierarchies if hierarchies is not None else all_h,
         mutable=mutable, mutable_source=source,
@@ -260,26 +386,20 @@ def parse_image_policy(text: str) -> ImagePolicy:
     return parse_policy(text)
 
 
-def _config_policy(items: list[tuple[str, str, str]], cls_name: str
-                   ) -> tuple[ImagePolicy | None, list[tuple[str, str, str]]]:
+def _config_policy(items: list[tuple[str, str, str, str]], cls_name: str
+                   ) -> tuple[ImagePolicy | None, list[tuple[str, str, str, str]]]:
     """ImagePolicy= of the configuration files, parsed as systemd 262 parses it: unknown
-    designators and flags are skipped, an empty value resets it; anything else it cannot
-    parse (no '=', a rule given twice) makes 262 ignore the configuration altogether
-    ("Failed to parse sysext config file, ignoring"): then ITEMS come back empty."""
+    designators and flags are skipped, an empty value resets it. (A value it cannot parse
+    at all made read_ini_items ignore the whole configuration already.)"""
     policy: ImagePolicy | None = None
-    for key, value, path in items:
+    for _, key, value, where in items:
         if key != "ImagePolicy":
             continue
         if not value:
             policy = None
             continue
-        from overlayctl.policy import PolicyError, parse_policy
-        try:
-            policy = parse_policy(value, graceful=True, source=f"{path}: ImagePolicy")
-        except PolicyError as e:
-            log.warning(f"{e.message}: ignoring the {cls_name} configuration files, as "
-                        "systemd does")
-            return None, []
+        from overlayctl.policy import parse_policy
+        policy = parse_policy(value, graceful=True, source=f"{where}: ImagePolicy")
     return policy, items
 
 
@@ -341,7 +461,7 @@ def _path_list(root: str, path: str) -> list[str]:
 def load_cleanup(root: str, class_name: str) -> CleanupSettings:
     """[Cleanup] of overlayctl/CLASS.conf (and its drop-ins)."""
     ours = f"overlayctl/{class_name}.conf"
-    conf = read_ini(root, ours, "Cleanup")
+    conf = read_ini(root, ours, "Cleanup", OWN_SECTIONS)
     user_db = False
     if "KeepUserDatabase" in conf:
         b = parse_boolean(conf["KeepUserDatabase"])

@@ -18,6 +18,7 @@ PKG = REPO / "overlayctl"
 RANKS: dict[str, int] = {
     "__main__": 100,
     "cli": 90, "varlink": 85,                # front ends (cli hands over to varlink)
+    "kcmdline": 84,                          # the kernel command line kill switch
     "localcli": 80,
     "commit": 75,                            # commit reads uppers through local's stacks
     "local": 70,                             # local-change verbs call the engine to rebuild
@@ -26,14 +27,14 @@ RANKS: dict[str, int] = {
     "rawimage": 43, "devices": 42, "dm": 41, "mountns": 41, "overlayfs": 40,
     "args": 31,                              # the command line (uses release.parse_boolean)
     "plan": 30,                              # pure
-    "images": 28, "settings": 27,
-    "policy": 26, "verity": 26,              # settings parses policies, images has verity
-    "release": 26, "versions": 25,
+    "verity": 29,
+    "images": 28, "settings": 27, "release": 26, "versions": 25, "policy": 24,
     "metadata": 29, "state": 20,
     "kernel": 10,
     "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "faults": 5,
     "busy": 5, "output": 5, "inuse": 5,
-    "vocab": 2, "jsontext": 3,
+    "personality": 3, "jsontext": 3,
+    "vocab": 2,
     "record": 1,
     "__init__": 0,
 }
