@@ -27,7 +27,7 @@ RANKS: dict[str, int] = {
     "rawimage": 43, "devices": 42, "dm": 41, "mountns": 41, "overlayfs": 40,
     "args": 31,                              # the command line (uses release.parse_boolean)
     "plan": 30,                              # pure
-    "verity": 29,
+    "verity": 26,
     "images": 28, "settings": 27, "release": 26, "versions": 25, "policy": 24,
     "metadata": 29, "state": 20,
     "kernel": 10,
