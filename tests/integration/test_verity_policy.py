@@ -90,15 +90,24 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     return Images(tmp_path_factory.mktemp("verity-images"))
 
 
+_BASETEMP: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _BASETEMP.append(str(tmp_path_factory.getbasetemp()))
+
+
 def loop_backing() -> list[str]:
-    """The backing file of every loop device in use (as losetup -l shows them)."""
+    """The backing file of every loop device in use (as losetup -l shows them) whose file
+    is one of this test session's (other sessions on the machine may come and go)."""
     out = []
     for f in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
             out.append(Path(f).read_text().strip())
         except OSError:
             pass
-    return sorted(out)
+    return sorted(b for b in out if not _BASETEMP or b.startswith(_BASETEMP[0] + "/"))
 
 
 def refused(r: Any, *needles: str) -> str:
