@@ -26,10 +26,13 @@ from overlayctl.plan import HierarchyPlan, make_plan
 from overlayctl.release import check_compatible, host_os_release, parse_boolean
 from overlayctl.settings import Settings
 from overlayctl.state import Manifest, MergeRecord
+from overlayctl.vocab import WRITABLE_UPPERS
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
     from typing import Any
+
+    from overlayctl.hygiene import Hygiene
 
 
 def require_root(what: str = "merge or unmerge") -> None:
@@ -151,23 +154,51 @@ def _with_merged_mode(s: Settings, merged: list[str]) -> Settings:
 class Prepared:
     """One class of a merge or refresh call, built and ready to attach."""
 
-    __slots__ = ("settings", "accepted", "staged", "drop", "manifests", "journal")
+    __slots__ = ("settings", "accepted", "staged", "drop", "manifests", "journal", "hygiene")
 
     def __init__(self, settings: Settings, accepted: list[Image], staged: attach.Staged | None,
                  drop: list[tuple[str, str]], manifests: dict[str, Manifest],
-                 journal: str) -> None:
+                 journal: str, hygiene: dict[str, Hygiene] | None = None) -> None:
         self.settings = settings
         self.accepted = accepted
         self.staged = staged
         self.drop = drop                 # (hierarchy, target) merged now, no overlay after
         self.manifests = manifests       # hierarchy -> manifest to save once merged
         self.journal = journal
+        self.hygiene = hygiene or {}     # hierarchy -> opaque markers and whiteouts to tidy
 
 
-def _prepare(locked: Locked | None, s: Settings, refresh: bool,
-             stack: ExitStack) -> Prepared | list[dict[str, Any]] | None:
+def _hygiene(s: Settings, plans: list[HierarchyPlan], merged: list[str]) -> dict[str, Hygiene]:
+    """Classify the opaque markers of every persistent or host upper (read only)."""
+    want = [p for p in plans if p.merge and p.upper_kind in WRITABLE_UPPERS]
+    if not want:
+        return {}
+    from overlayctl import hygiene, mountinfo, nested
+    mounts = mountinfo.read() if merged else []
+    out: dict[str, Hygiene] = {}
+    for p in want:
+        prev = state.load_dirs(s.root, s.cls.name, p.hierarchy)
+        here = p.target in merged
+        valid = prev is not None
+        below: list[str] = []
+        if here:
+            # Over a merge: the record is this merge's, or (upstream, or a merge killed
+            # before its commit) there is none to go by.
+            live_rec = metadata.read_merged(p.target, s.cls).record
+            valid = valid and live_rec is not None and prev is not None and \
+                live_rec.since == prev.since
+            below = [r for m in mountinfo.submounts(mounts, p.target)
+                     if (r := os.path.relpath(m.mountpoint, p.target)).split("/")[0]
+                     not in nested.META_DIRS]
+        out[p.hierarchy] = hygiene.prepare(s.root, p, prev, valid, here, below)
+    return out
+
+
+def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack,
+             undo: list[tuple[str, str]]) -> Prepared | list[dict[str, Any]] | None:
     """Step 1 for one class: the plans (returned for --dry-run), or the staged overlays;
-    None when there is nothing to do (an unchanged refresh)."""
+    None when there is nothing to do (an unchanged refresh). Opaque markers cleared before
+    building (hierarchies not merged now) are added to UNDO."""
     accepted = accepted_images(s, stack)
     targets = [(h, t) for h in s.hierarchies
                if (t := chase(s.root, h, must_exist=True)) is not None]
@@ -191,13 +222,17 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool,
                  if (w := metadata.read_merged(t, s.cls).work_dir) is not None}
     plans = make_plan(s, accepted, (lambda t: views[t].path if t in views else t), live_work)
     if s.dry_run:
-        return [_shown_plan(p.as_json(), views) for p in plans]
+        hyg = _hygiene(s, plans, merged)
+        return [_shown_plan({**p.as_json(), **(hyg[p.hierarchy].as_json()
+                                               if p.hierarchy in hyg else {})}, views)
+                for p in plans]
     origin = origin_of(s, plans, accepted)
     if (refresh and merged and not s.always_refresh and not interrupted
             and _unchanged(s, merged, origin)):
         log.info("Skipping extension refresh because no change was found, use "
                  "--always-refresh=yes to always do a refresh.")
         return None
+    hyg = _hygiene(s, plans, merged)
     manifests: dict[str, Manifest] = {}
     if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
         from overlayctl import manifest
@@ -211,11 +246,24 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool,
             fd = live.carried_ephemeral(p.target, s.cls, stack)
             if fd is not None:
                 carry[p.target] = fd
+        elif refresh and p.target in merged:
+            old = metadata.read_merged(p.target, s.cls).record
+            if old is not None and old.upper == "ephemeral":
+                live.say_ephemeral_dropped(s.root, p.hierarchy, p.target, s.cls, old.since,
+                                           f"it is merged in mode '{s.mutable}' now")
     assert locked is not None
+    if hyg:
+        from overlayctl import hygiene
+        for h in hyg.values():
+            if not h.late:
+                # Not merged now: tidy the upper before the overlay exists.
+                hygiene.drop(h.upper, h.hierarchy, h.whiteouts,
+                             "left by a merge that was not unmerged cleanly")
+                hygiene.clear(h, undo)
     staged = attach.build_all(locked, s, plans, origin, views, replace=refresh, carry=carry,
                               stack=stack)
     drop = [(p.hierarchy, p.target) for p in plans if not p.merge and p.target in merged]
-    return Prepared(s, accepted, staged, drop, manifests, journal)
+    return Prepared(s, accepted, staged, drop, manifests, journal, hyg)
 
 
 def _shown_plan(j: dict[str, Any], views: dict[str, live.PlainView]) -> dict[str, Any]:
@@ -236,7 +284,7 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
         plans: list[dict[str, Any]] = []
         for s in settings:
             with ExitStack() as stack:
-                got = _prepare(None, s, refresh, stack)
+                got = _prepare(None, s, refresh, stack, [])
                 if isinstance(got, list):
                     plans.extend(got)
         return plans
@@ -248,24 +296,39 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
 
 def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
     """merge or refresh under a lock the caller holds (local verbs rebuild through this)."""
-    with ExitStack() as stack:
-        prepared: list[Prepared] = []
-        for s in settings:
-            got = _prepare(locked, s, refresh, stack)
-            if isinstance(got, Prepared):
-                prepared.append(got)
-        if not prepared:
-            return
-        for p in prepared:
-            state.write_journal(p.journal)
-        faults.checkpoint("journal")
-        try:
-            attach.attach_all(locked, [p.staged for p in prepared if p.staged is not None])
-        except BaseException:
+    undo: list[tuple[str, str]] = []     # opaque markers this call cleared
+    try:
+        with ExitStack() as stack:
+            prepared: list[Prepared] = []
+            for s in settings:
+                got = _prepare(locked, s, refresh, stack, undo)
+                if isinstance(got, Prepared):
+                    prepared.append(got)
+            if not prepared:
+                return
             for p in prepared:
-                state.drop_journal(p.journal)
-            raise
-        _commit(locked, prepared)
+                state.write_journal(p.journal)
+            faults.checkpoint("journal")
+            late = [h for p in prepared for h in p.hygiene.values() if h.late and h.clear]
+            if late:
+                # A refresh: every overlay is built, nothing but the swap is left; the old
+                # overlay sees no difference (docs/guarantees.md, "the refresh window").
+                from overlayctl import hygiene
+                for h in late:
+                    hygiene.clear(h, undo)
+            try:
+                attach.attach_all(locked, [p.staged for p in prepared if p.staged is not None])
+            except BaseException:
+                for p in prepared:
+                    state.drop_journal(p.journal)
+                raise
+            undo = []
+            _commit(locked, prepared)
+    except BaseException:
+        if undo:
+            from overlayctl import hygiene
+            hygiene.restore(undo)
+        raise
 
 
 def _commit(locked: Locked, prepared: list[Prepared]) -> None:
@@ -284,6 +347,13 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
                 m = p.manifests.get(b.plan.hierarchy)
                 if m is not None:
                     state.save_manifest(s.root, s.cls.name, b.plan.hierarchy, m)
+                hy = p.hygiene.get(b.plan.hierarchy)
+                if hy is not None:
+                    state.save_dirs(s.root, s.cls.name, b.plan.hierarchy,
+                                    hy.record(b.record.since))
+                    log.debug(f"hygiene of {b.plan.hierarchy}: {len(hy.cleared)} opaque "
+                              f"markers cleared, {hy.examined} directories examined, "
+                              f"{len(hy.deliberate)} deliberate, in {hy.ms:.1f} ms")
             except OSError as e:
                 log.warning(f"Could not save the merge record of {b.plan.hierarchy}: "
                             f"{e.strerror}")
@@ -437,8 +507,7 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
             origin = merged.origin or {}
             row["merged"] = True
             row["extensions"] = merged.names
-            row["since"] = rec.since if rec and rec.since else (
-                os.stat(target).st_mtime_ns // 1000)
+            row["since"] = rec.since if rec and rec.since else _merge_time(target, s)
             row["mutable"] = rec.mode if rec else (origin.get("mutable") or {}).get("mode")
             top = mountinfo.top_mount(mounts, target)
             upper = top.super_option("upperdir") if top else None
@@ -456,12 +525,26 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
                 row["upperdir"] = (os.path.join(h, s.cls.meta_dir, live.EPHEMERAL_DIR, "upper")
                                    if os.path.isdir(eph) else None)
                 row["ephemeral"] = True
+                # Its writes go at unmerge (or a merge in another mode): say how many.
+                row["ephemeral_entries"] = live.ephemeral_entries(target, s.cls)
             row["defaults"] = rec.defaults if rec else None
         detached = state.detached_alive(s.root, s.cls.name, h)
         if detached:
             row["detached"] = detached
         rows.append(row)
     return rows
+
+
+def _merge_time(target: str, s: Settings) -> int:
+    """When a merge without our record (upstream's) was made: its metadata directory is
+    written then. The hierarchy's own mtime would be that of its upper, which for the real
+    /usr as its own upper is whenever a package was last installed."""
+    for p in (os.path.join(target, s.cls.meta_dir), target):
+        try:
+            return os.stat(p).st_mtime_ns // 1000
+        except OSError:
+            continue
+    return 0
 
 
 def list_rows(s: Settings) -> list[dict[str, Any]]:

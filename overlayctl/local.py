@@ -209,7 +209,11 @@ def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
                 continue
             m = state.load_manifest(root, cls.name, h)
             pinned = set(m.pinned)
-            for c in classify(st.upper, st.layers, [r for r in rels if r] or None):
+            # The real hierarchy as its own upper, nothing below it but extensions: its own
+            # files are the system, not local changes; only what touches the extensions is.
+            lower_only = st.record.upper == "host" and not st.record.defaults
+            for c in classify(st.upper, st.layers, [r for r in rels if r] or None,
+                              lower_only=lower_only):
                 j = c.as_json(h)
                 j["default_changed"] = _default_changed(c, m)
                 j["pinned"] = c.rel in pinned

@@ -6,6 +6,10 @@
   dir as overlayctl.json);
 * <root>/var/lib/overlayctl/<class>/<name>.manifest  Manifest: digests of the lower entries,
   for default_changed (see docs/defaults.md);
+* <root>/var/lib/overlayctl/<class>/<name>.dirs      DirsRecord: the lower layers' directories
+  at the last merge of a persistent or host upper (names only), which opaque markers are
+  known to be deliberate, and whether the whiteouts of a host upper are dropped yet
+  (hygiene.py, docs/modes.md "Writable /usr on a package-managed distro");
 * <root>/run/overlayctl/<class>.merging, call.<classes>.merging   journals of a merge under
   way (left behind only by a killed process);
 * <root>/run/overlayctl/detached.json                overlays detached while still in use.
@@ -200,6 +204,71 @@ def load_manifest(root: str, cls_name: str, hierarchy: str) -> Manifest:
 
 def save_manifest(root: str, cls_name: str, hierarchy: str, m: Manifest) -> None:
     atomic_write(state_path(root, cls_name, hierarchy, ".manifest"), dump(m.to_json()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The lower layers' directories (opaque and whiteout hygiene, hygiene.py)
+
+
+class DirsRecord(Record):
+    """What hygiene.py needs to know about the last merge of a persistent or host upper.
+    Directory trees are nested dicts of names ({"lib": {"python3": {}}}), relative to the
+    hierarchy; paths in the lists are relative too."""
+
+    __slots__ = ("since", "upper", "dirs", "window", "whiteout_dirs", "deliberate", "pending",
+                 "base", "closed", "drop_whiteouts", "clean")
+    since: int                 # the merge it belongs to (MergeRecord.since)
+    upper: str                 # the upper directory (inside the root), as in the MergeRecord
+    dirs: dict[str, Any]       # the lower layers' directories of that merge (not the base)
+    window: dict[str, Any]     # the same of the overlay it replaced (a refresh), else {}
+    whiteout_dirs: dict[str, Any]  # every lower directory since the last clean unmerge
+    deliberate: tuple[str, ...]    # opaque markers known to be deliberate
+    pending: tuple[str, ...]       # optimisation markers left for the next merge to clear
+    base: bool                 # the plain hierarchy was a lower layer (a persistent upper)
+    closed: bool               # unmerged, and markers on the base's directories classified
+    drop_whiteouts: bool       # a host upper without defaults: whiteouts go at unmerge
+    clean: bool                # unmerged, and its whiteouts dropped
+
+    def __init__(self, *, since: int, upper: str, dirs: dict[str, Any], window: dict[str, Any],
+                 whiteout_dirs: dict[str, Any], deliberate: tuple[str, ...],
+                 pending: tuple[str, ...], base: bool, closed: bool, drop_whiteouts: bool,
+                 clean: bool) -> None:
+        self._fill(locals())
+
+    def to_json(self) -> dict[str, Any]:
+        j = self.fields()
+        j["version"] = 1
+        j["deliberate"] = list(self.deliberate)
+        j["pending"] = list(self.pending)
+        return j
+
+    @classmethod
+    def from_json(cls, j: dict[str, Any]) -> DirsRecord | None:
+        try:
+            if j.get("version") != 1:
+                return None
+            trees = [j[k] for k in ("dirs", "window", "whiteout_dirs")]
+            if not all(isinstance(t, dict) for t in trees):
+                return None
+            return DirsRecord(
+                since=int(j["since"]), upper=str(j["upper"]), dirs=trees[0], window=trees[1],
+                whiteout_dirs=trees[2], deliberate=tuple(str(x) for x in j["deliberate"]),
+                pending=tuple(str(x) for x in j["pending"]), base=bool(j["base"]),
+                closed=bool(j["closed"]), drop_whiteouts=bool(j["drop_whiteouts"]),
+                clean=bool(j["clean"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def load_dirs(root: str, cls_name: str, hierarchy: str) -> DirsRecord | None:
+    j = _read(state_path(root, cls_name, hierarchy, ".dirs"))
+    return DirsRecord.from_json(j) if j is not None else None
+
+
+def save_dirs(root: str, cls_name: str, hierarchy: str, rec: DirsRecord) -> None:
+    # Compact and unsorted: the C encoder, and a tree of a big /usr is a few hundred kB.
+    atomic_write(state_path(root, cls_name, hierarchy, ".dirs"),
+                 json.dumps(rec.to_json(), separators=(",", ":")) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

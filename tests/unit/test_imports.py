@@ -22,7 +22,7 @@ RANKS: dict[str, int] = {
     "local": 70,                             # local-change verbs call the engine to rebuild
     "engine": 60,                            # order of operations of merge/refresh/unmerge
     "attach": 50, "build": 48, "manifest": 47, "legacy": 46, "live": 45, "nested": 44,
-    "rawimage": 43, "devices": 42, "dm": 42, "mountns": 41, "overlayfs": 40,
+    "hygiene": 44, "rawimage": 43, "devices": 42, "dm": 42, "mountns": 41, "overlayfs": 40,
     "plan": 30,                              # pure
     "policy": 29, "verity": 29,
     "images": 28, "settings": 27, "release": 26, "versions": 25,
