@@ -297,8 +297,8 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
 def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
     """merge or refresh under a lock the caller holds (local verbs rebuild through this)."""
     undo: list[tuple[str, str]] = []     # opaque markers this call cleared
-    try:
-        with ExitStack() as stack:
+    with ExitStack() as stack:           # (restored, if the call fails, while views are open)
+        try:
             prepared: list[Prepared] = []
             for s in settings:
                 got = _prepare(locked, s, refresh, stack, undo)
@@ -312,7 +312,7 @@ def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
             late = [h for p in prepared for h in p.hygiene.values() if h.late and h.clear]
             if late:
                 # A refresh: every overlay is built, nothing but the swap is left; the old
-                # overlay sees no difference (docs/guarantees.md, "the refresh window").
+                # overlay sees no difference (docs/guarantees.md, "The refresh window").
                 from overlayctl import hygiene
                 for h in late:
                     hygiene.clear(h, undo)
@@ -322,13 +322,12 @@ def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
                 for p in prepared:
                     state.drop_journal(p.journal)
                 raise
-            undo = []
-            _commit(locked, prepared)
-    except BaseException:
-        if undo:
-            from overlayctl import hygiene
-            hygiene.restore(undo)
-        raise
+        except BaseException:
+            if undo:
+                from overlayctl import hygiene
+                hygiene.restore(undo)
+            raise
+        _commit(locked, prepared)
 
 
 def _commit(locked: Locked, prepared: list[Prepared]) -> None:
