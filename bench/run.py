@@ -586,34 +586,40 @@ def bench_window(args: argparse.Namespace, tools: Tools, r: Runner,
     `refresh --always-refresh=yes`."""
     dbg = Runner(dict(r.env, SYSTEMD_LOG_LEVEL="debug"))
     rows = []
-    for n in (1, 10):
+    for n, mode, dirty in [(n, m, d) for n in (1, 10) for m in ("yes", "host", "ephemeral")
+                           for d in (0, 20)]:
         root = tmp / f"s{n}"
         if not root.exists():
             continue
-        for mode in ("yes", "host", "ephemeral"):
-            set_mutable_state(root, "sysext", mode)
-            m = dbg.run(tools.cmd("overlayctl", "sysext", root, "merge", mode))
-            if m["rc"] != 0:
-                log(f"window: merge failed: {m['stderr'][-200:]}")
-                continue
-            attached: dict[str, list[float]] = {}
-            detached: dict[str, list[float]] = {}
-            for _ in range(args.reps * 4):
-                x = dbg.run(tools.cmd("overlayctl", "sysext", root, "refresh", mode))
-                for line in x["stderr"].splitlines():
-                    mm = SWAP_RE.match(line)
-                    if mm:
-                        h = os.path.basename(mm.group(1))
-                        attached.setdefault(h, []).append(float(mm.group(2)))
-                        detached.setdefault(h, []).append(float(mm.group(3)))
-            dbg.run(tools.cmd("overlayctl", "sysext", root, "unmerge"))
-            force_unmount(root)
-            for h in sorted(attached):
-                rows.append({"n": n, "mode": mode, "hierarchy": "/" + h,
-                             "attached_us": stats(attached[h]),
-                             "detached_ms": stats(detached[h])})
-            log(f"window n={n} {mode}: " + ", ".join(
-                f"/{h} {stats(v)['median']:.0f} us" for h, v in sorted(attached.items())))
+        set_mutable_state(root, "sysext", mode)
+        m = dbg.run(tools.cmd("overlayctl", "sysext", root, "merge", mode))
+        if m["rc"] != 0:
+            log(f"window: merge failed: {m['stderr'][-200:]}")
+            continue
+        attached: dict[str, list[float]] = {}
+        detached: dict[str, list[float]] = {}
+        for _ in range(args.reps * 4):
+            if dirty:
+                # Unwritten data on the upper's file system: what tearing down an overlay
+                # with an upper syncs (a busy machine has some).
+                with open(root / "dirty", "wb") as f:
+                    f.write(os.urandom(dirty << 20))
+            x = dbg.run(tools.cmd("overlayctl", "sysext", root, "refresh", mode))
+            for line in x["stderr"].splitlines():
+                mm = SWAP_RE.match(line)
+                if mm:
+                    h = os.path.basename(mm.group(1))
+                    attached.setdefault(h, []).append(float(mm.group(2)))
+                    detached.setdefault(h, []).append(float(mm.group(3)))
+        dbg.run(tools.cmd("overlayctl", "sysext", root, "unmerge"))
+        force_unmount(root)
+        (root / "dirty").unlink(missing_ok=True)
+        for h in sorted(attached):
+            rows.append({"n": n, "mode": mode, "hierarchy": "/" + h, "dirty_mb": dirty,
+                         "attached_us": stats(attached[h]),
+                         "detached_ms": stats(detached[h])})
+        log(f"window n={n} {mode} dirty={dirty} MB: " + ", ".join(
+            f"/{h} {stats(v)['median']:.0f} us" for h, v in sorted(attached.items())))
     return rows
 
 
@@ -1056,12 +1062,12 @@ def report(res: dict[str, Any]) -> str:
         L.append("Per hierarchy and `refresh --always-refresh=yes`: both overlays attached "
                  "(µs, from `move_mount(MOVE_MOUNT_BENEATH)` to the old one detached), and how "
                  "long the new overlay existed detached before, sharing the upper (ms).\n")
-        L.append("| extensions | mode | hierarchy | attached together µs | new one detached "
-                 "before ms |")
-        L.append("|---:|---|---|---:|---:|")
+        L.append("| extensions | mode | dirty MB | hierarchy | attached together µs | new one "
+                 "detached before ms |")
+        L.append("|---:|---|---:|---|---:|---:|")
         for w in res["window"]:
-            L.append(f"| {w['n']} | {w['mode']} | {w['hierarchy']} | {fmt_ms(w['attached_us'])}"
-                     f" | {fmt_ms(w['detached_ms'])} |")
+            L.append(f"| {w['n']} | {w['mode']} | {w.get('dirty_mb', 0)} | {w['hierarchy']} | "
+                     f"{fmt_ms(w['attached_us'])} | {fmt_ms(w['detached_ms'])} |")
         L.append("")
     a = res.get("analysis")
     if a:
