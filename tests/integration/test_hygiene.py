@@ -472,3 +472,47 @@ def test_refresh_window_is_timed(host: Host) -> None:
     us = [int(x.split(" for ")[1].split(" us")[0]) for x in lines]
     assert all(0 <= u < 1_000_000 for u in us), lines
     host.unmerge()
+
+
+def test_status_since_of_an_upstream_merge_of_the_real_usr(host: Host) -> None:
+    """For a merge made by systemd (no record of ours), SINCE is when its metadata was
+    written, not the time of the real /usr, which is its upper."""
+    from tests.integration.peer import need_peer, run_plan, upstream_peer
+    peer = need_peer(upstream_peer())
+    old = time.time() - 10 * 86400
+    os.utime(host.usr(), (old, old))
+    t0 = time.time()
+    res = run_plan(host.r.path, [["run", "up:sysext", "merge", "--no-reload", "--mutable=yes"],
+                                 ["run", "oc:sysext", "status", "--json=short"],
+                                 ["run", "up:sysext", "unmerge", "--no-reload"]],
+                   peer=peer, namespace=True)
+    assert res["steps"][0]["rc"] == 0, res["steps"][0]
+    row = {r["hierarchy"]: r for r in json.loads(res["steps"][1]["out"])}["/usr"]
+    assert row["merged"] and row["upperdir"] == "/usr"
+    assert t0 - 1 <= row["since"] / 1e6 <= time.time() + 1, row
+
+
+def test_markers_made_under_an_upstream_merge_are_deliberate(host: Host) -> None:
+    """overlayctl merged and unmerged once (its record exists); then systemd merges, a
+    directory is made under its merge; a refresh by overlayctl over that merge cannot know
+    what the directory was, so the marker stays, even where an extension now has files."""
+    from tests.integration.peer import need_peer, run_plan, upstream_peer
+    peer = need_peer(upstream_peer())
+    host.merge()
+    host.unmerge()
+    later = "var/lib/extensions/later"
+    res = run_plan(host.r.path, [
+        ["run", "up:sysext", "merge", "--no-reload", "--mutable=yes"],
+        ["put", "usr/lib/pkgdir/pkgfile", "P\n"],
+        ["put", f"{later}/usr/lib/extension-release.d/extension-release.later", "ID=_any\n"],
+        ["put", f"{later}/usr/lib/pkgdir/extfile", "X\n"],
+        ["run", "oc:sysext", "refresh", "--no-reload"],
+        ["snap"],
+        ["run", "oc:sysext", "unmerge", "--no-reload"]], peer=peer, namespace=True)
+    s = res["steps"]
+    assert s[0]["rc"] == 0 and s[4]["rc"] == 0, s[4]
+    assert "Cleared" not in s[4]["err"]
+    assert "usr/lib/pkgdir/extfile" not in s[5]["files"]
+    assert s[5]["files"]["usr/lib/pkgdir/pkgfile"] == "P\n"
+    assert not res["left"]
+    assert opaque(host.usr("lib/pkgdir"))
