@@ -294,8 +294,9 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
     return []
 
 
-def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
-    """merge or refresh under a lock the caller holds (local verbs rebuild through this)."""
+def run(locked: Locked, settings: list[Settings], refresh: bool) -> list[str]:
+    """merge or refresh under a lock the caller holds (local verbs rebuild through this).
+    Returns the opaque markers it cleared (paths as the hierarchy shows them)."""
     undo: list[tuple[str, str]] = []     # opaque markers this call cleared
     with ExitStack() as stack:           # (restored, if the call fails, while views are open)
         try:
@@ -305,7 +306,7 @@ def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
                 if isinstance(got, Prepared):
                     prepared.append(got)
             if not prepared:
-                return
+                return []
             for p in prepared:
                 state.write_journal(p.journal)
             faults.checkpoint("journal")
@@ -328,6 +329,7 @@ def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
                 hygiene.restore(undo)
             raise
         _commit(locked, prepared)
+    return [h.shown(rel) for p in prepared for h in p.hygiene.values() for rel in h.cleared]
 
 
 def _commit(locked: Locked, prepared: list[Prepared]) -> None:
@@ -363,10 +365,11 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
         _daemon_reload()
 
 
-def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
+def rebuild(locked: Locked, root: str, rec: MergeRecord) -> list[str]:
     """Put a rebuilt overlay of one hierarchy in place after its raw upper changed (reset,
     cleanup): the same mode, options and defaults as its record says, swapped in atomically.
-    Quietly: the messages of a merge mean nothing to the user of reset or cleanup."""
+    Quietly: the messages of a merge mean nothing to the user of reset or cleanup; returns
+    the opaque markers the rebuild cleared, for them to report."""
     from overlayctl.settings import load_settings
     defaults = {rec.hierarchy: rec.defaults} if rec.defaults else None
     s = load_settings(root, rec.cls, cli_mutable=rec.mode, noexec=rec.noexec,
@@ -374,7 +377,7 @@ def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
                       hierarchies=(rec.hierarchy,))
     s = s.replace(overlay_options=rec.mount_options)
     with log.quiet():
-        run(locked, [s], refresh=True)
+        return run(locked, [s], refresh=True)
 
 
 def assumed_record(root: str, cls_name: str, hierarchy: str,

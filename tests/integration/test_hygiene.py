@@ -516,3 +516,22 @@ def test_markers_made_under_an_upstream_merge_are_deliberate(host: Host) -> None
     assert s[5]["files"]["usr/lib/pkgdir/pkgfile"] == "P\n"
     assert not res["left"]
     assert opaque(host.usr("lib/pkgdir"))
+
+
+def test_reset_reports_markers_its_rebuild_clears(host: Host) -> None:
+    """reset rebuilds the overlay; a kernel marker that the rebuild clears (here: the
+    extension directory gained the directory in place) is one of its actions in --json."""
+    app = host.r.sysext("app", {"usr/share/app/a.conf": "A\n"})
+    host.merge()
+    host.usr("lib/pkgdir").mkdir()
+    with open(host.usr("share/app/a.conf"), "a") as f:
+        f.write("local\n")
+    (app / "usr/lib/pkgdir").mkdir(parents=True)
+    (app / "usr/lib/pkgdir/x").write_text("X\n")
+    r = host.run("reset", "/usr/share/app/a.conf", "--json=short")
+    actions = {(a["path"], a["action"]) for a in json.loads(r.stdout)}
+    assert actions == {("/usr/share/app/a.conf", "reset"),
+                       ("/usr/lib/pkgdir", "cleared-opaque")}, actions
+    assert host.usr("lib/pkgdir/x").read_text() == "X\n"
+    assert host.usr("share/app/a.conf").read_text() == "A\n"
+    host.unmerge()
