@@ -234,7 +234,8 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
         return None
     hyg = _hygiene(s, plans, merged)
     manifests: dict[str, Manifest] = {}
-    if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
+    if any(p.merge and _wants_manifest(p) for p in plans):
+        # (manifest.py loads upper.py: only where a manifest is kept, never for /usr alone)
         from overlayctl import manifest
         for p in plans:
             m = manifest.updated(s.root, s.cls.name, p) if p.merge else None
@@ -264,6 +265,12 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
                               stack=stack)
     drop = [(p.hierarchy, p.target) for p in plans if not p.merge and p.target in merged]
     return Prepared(s, accepted, staged, drop, manifests, journal, hyg)
+
+
+def _wants_manifest(p: HierarchyPlan) -> bool:
+    """manifest.wanted(), without importing it."""
+    return p.upper_kind in WRITABLE_UPPERS and (
+        any(layer.role == "defaults" for layer in p.lowers) or p.hierarchy == "/etc")
 
 
 def _shown_plan(j: dict[str, Any], views: dict[str, live.PlainView]) -> dict[str, Any]:

@@ -11,14 +11,16 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Result, Root
+from tests.conftest import REPO, Result, Root
 from tests.integration.olhelpers import overlays_at, status_json
+from tests.integration.peer import need_peer, run_plan, upstream_peer
 
 pytestmark = pytest.mark.root
 
@@ -477,7 +479,6 @@ def test_refresh_window_is_timed(host: Host) -> None:
 def test_status_since_of_an_upstream_merge_of_the_real_usr(host: Host) -> None:
     """For a merge made by systemd (no record of ours), SINCE is when its metadata was
     written, not the time of the real /usr, which is its upper."""
-    from tests.integration.peer import need_peer, run_plan, upstream_peer
     peer = need_peer(upstream_peer())
     old = time.time() - 10 * 86400
     os.utime(host.usr(), (old, old))
@@ -496,7 +497,6 @@ def test_markers_made_under_an_upstream_merge_are_deliberate(host: Host) -> None
     """overlayctl merged and unmerged once (its record exists); then systemd merges, a
     directory is made under its merge; a refresh by overlayctl over that merge cannot know
     what the directory was, so the marker stays, even where an extension now has files."""
-    from tests.integration.peer import need_peer, run_plan, upstream_peer
     peer = need_peer(upstream_peer())
     host.merge()
     host.unmerge()
@@ -534,4 +534,18 @@ def test_reset_reports_markers_its_rebuild_clears(host: Host) -> None:
                        ("/usr/lib/pkgdir", "cleared-opaque")}, actions
     assert host.usr("lib/pkgdir/x").read_text() == "X\n"
     assert host.usr("share/app/a.conf").read_text() == "A\n"
+    host.unmerge()
+
+
+def test_merge_of_the_real_usr_stays_lean(host: Host) -> None:
+    """The merge path of /usr as its own upper loads hygiene.py, and neither upper.py nor
+    manifest.py (no manifest is kept for /usr; they cost about 15 ms of imports)."""
+    code = ("import sys\nfrom overlayctl import cli\n"
+            f"rc = cli.main(['--root={host.r.path}', 'sysext', 'merge', '--mutable=yes'])\n"
+            "print(rc, ' '.join(sorted(m for m in sys.modules if m.startswith('overlayctl'))))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    rc, *loaded = r.stdout.split()
+    assert rc == "0", r.stderr
+    assert "overlayctl.hygiene" in loaded
+    assert not set(loaded) & {"overlayctl.upper", "overlayctl.manifest", "overlayctl.local"}
     host.unmerge()
