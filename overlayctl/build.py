@@ -55,6 +55,13 @@ def _makedirs(path: str, mode: int, created: list[str]) -> None:
     os.chmod(path, mode)
 
 
+def _policy_text(settings: Settings) -> str | None:
+    if settings.image_policy is None:
+        return None
+    from overlayctl.policy import policy_to_string
+    return policy_to_string(settings.image_policy)
+
+
 def undo_created(created: list[str]) -> None:
     import shutil
     for d in reversed(created):
@@ -149,12 +156,13 @@ def record_of(settings: Settings, plan: HierarchyPlan, view: PlainView | None) -
         workdir="/" + work_rel if work_rel else None,
         layers=tuple(RecordedLayer(layer.role, layer.name,
                                    inside(root, layer.image) if layer.image else
-                                   shown(layer.path) if layer.path else None)
+                                   shown(layer.path) if layer.path else None,
+                                   layer.protection)
                      for layer in plan.lowers),
         noexec=settings.noexec, force=settings.force, mount_options=settings.overlay_options,
         defaults=next((shown(layer.path) for layer in plan.lowers
                        if layer.role == "defaults" and layer.path), None),
-        since=time.time_ns() // 1000)
+        since=time.time_ns() // 1000, image_policy=_policy_text(settings))
 
 
 def prepare(settings: Settings, plan: HierarchyPlan, ws: str, origin: Origin,

@@ -3,11 +3,11 @@ Errors become one line on stderr and exit status 1; nothing else prints a traceb
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from overlayctl import __version__, log
+from overlayctl.args import Args, parse
 from overlayctl.errors import OverlayctlError, die, hint_for
 from overlayctl.settings import (
     CLASSES,
@@ -15,12 +15,13 @@ from overlayctl.settings import (
     Settings,
     load_settings,
     parse_defaults_arg,
+    parse_image_policy,
     parse_mutable,
 )
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import Any
 
 VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
 LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup")
@@ -65,7 +66,9 @@ Options:
      --always-refresh=BOOL
                         Refresh even when nothing changed
      --image-policy=POLICY
-                        Which raw images may be merged (systemd.image-policy(7))
+                        Which raw images may be merged, and how they must be protected
+                        (dm-verity, signed; systemd.image-policy(7)). Default: any
+                        protection of the root and /usr partitions (/etc: root only)
      --dry-run          With merge or refresh: print the plan, mount nothing;
                         with reset or cleanup: say what would be done
      --defaults=[HIERARCHY=]DIR
@@ -75,40 +78,6 @@ Options:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise die(message, "see overlayctl --help")
-
-
-def _bool(value: str) -> bool:
-    from overlayctl.release import parse_boolean
-    b = parse_boolean(value)
-    if b is None:
-        raise argparse.ArgumentTypeError(f"not a boolean: '{value}'")
-    return b
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="overlayctl", add_help=False)
-    p.add_argument("words", nargs="*")
-    p.add_argument("-h", "--help", action="store_true")
-    p.add_argument("--version", action="store_true")
-    p.add_argument("--root", default="/")
-    p.add_argument("--json", choices=("pretty", "short", "off"), default="off")
-    p.add_argument("--no-pager", action="store_true")
-    p.add_argument("--no-legend", action="store_true")
-    p.add_argument("--mutable")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--noexec", type=_bool)
-    p.add_argument("--no-reload", action="store_true")
-    p.add_argument("--always-refresh", type=_bool, default=False)
-    p.add_argument("--image-policy")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--defaults", action="append", default=[])
-    p.add_argument("--content", action="store_true")
-    return p
-
-
 def _since(us: int | None) -> str:
     if us is None:
         return "-"
@@ -116,7 +85,7 @@ def _since(us: int | None) -> str:
     return time.strftime("%a %Y-%m-%d %H:%M:%S", time.localtime(us / 1e6))
 
 
-def cmd_status(classes: list[str], args: argparse.Namespace) -> int:
+def cmd_status(classes: list[str], args: Args) -> int:
     from overlayctl import engine
     rows: list[dict[str, Any]] = []
     for c in classes:
@@ -152,7 +121,7 @@ def cmd_status(classes: list[str], args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(classes: list[str], args: argparse.Namespace) -> int:
+def cmd_list(classes: list[str], args: Args) -> int:
     from overlayctl import engine
     rows: list[dict[str, Any]] = []
     for c in classes:
@@ -172,7 +141,7 @@ def cmd_list(classes: list[str], args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(classes: list[str], args: argparse.Namespace, verb: str) -> int:
+def cmd_merge(classes: list[str], args: Args, verb: str) -> int:
     from overlayctl import engine
     if not args.dry_run:
         engine.require_root()
@@ -206,7 +175,7 @@ def _print_plan(p: dict[str, Any]) -> None:
         print(f"  drop whiteout  {path}")
 
 
-def cmd_unmerge(classes: list[str], args: argparse.Namespace) -> int:
+def cmd_unmerge(classes: list[str], args: Args) -> int:
     from overlayctl import engine
     # The reverse of merge: system extensions first, configuration extensions last.
     order = sorted(classes, key=lambda c: c != "sysext")
@@ -220,7 +189,7 @@ def cmd_unmerge(classes: list[str], args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(c: str, args: argparse.Namespace) -> Settings:
+def _settings(c: str, args: Args) -> Settings:
     return load_settings(args.root, c, cli_mutable=args.mutable_mode, force=args.force,
                          noexec=args.noexec, always_refresh=args.always_refresh,
                          no_reload=args.no_reload, dry_run=args.dry_run,
@@ -238,7 +207,7 @@ def _root(value: str) -> str:
 
 
 def run(argv: list[str]) -> int:
-    args = _parser().parse_intermixed_args(argv)
+    args = parse(argv)
     if args.help:
         sys.stdout.write(HELP)
         return 0
@@ -249,6 +218,10 @@ def run(argv: list[str]) -> int:
     classes = list(CLASSES) if not words or words[0] not in CLASSES else [words.pop(0)]
     verb = words.pop(0) if words else "status"
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
+    if args.image_policy is not None:
+        # As upstream: a policy that does not parse fails every verb, before anything is
+        # looked at.
+        parse_image_policy(args.image_policy)
     if verb in LOCAL_VERBS:
         args.root = _root(args.root)
         from overlayctl import localcli
@@ -300,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if "LISTEN_FDS" in os.environ or "SYSTEMD_VARLINK_LISTEN" in os.environ:
         # Socket-activated (systemd, varlinkctl exec:): maybe the io.systemd.sysext service.
         from overlayctl import varlink
-        rc = varlink.main(sys.argv[1:] if argv is None else argv, _parser)
+        rc = varlink.main(sys.argv[1:] if argv is None else argv, parse)
         if rc is not None:
             return rc
     try:

@@ -13,6 +13,7 @@ Nothing visible changes before step 2, so a call that fails in step 1 changes no
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import ExitStack
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from overlayctl.hygiene import Hygiene
+    from overlayctl.policy import ImagePolicy
+    from overlayctl.rawimage import ImagePlan
 
 
 def require_root(what: str = "merge or unmerge") -> None:
@@ -44,16 +47,43 @@ def require_root(what: str = "merge or unmerge") -> None:
 # Discovery
 
 
-def _mount_raw(img: Image, stack: ExitStack) -> Image:
+def _policy_for(s: Settings, img: Image) -> ImagePolicy:
+    """The image policy for IMG: --image-policy= or ImagePolicy=, else the class default
+    (the strict ones for what systemd-stub put in /.extra/ of an initrd)."""
+    from overlayctl.policy import pick_policy
+    return pick_policy(s.cls.name, inside(s.root, img.entry), s.image_policy,
+                       in_initrd=s.initrd)
+
+
+def checked_images(s: Settings) -> list[tuple[Image, ImagePlan | None]]:
+    """Every image of S's class, raw ones inspected: file system or partitions, verity
+    data, image policy, device-mapper (rawimage.inspect). Reads files only: no device
+    exists yet, and one refused image fails the call. Directory extensions are not subject
+    to image policies (as upstream)."""
+    out: list[tuple[Image, ImagePlan | None]] = []
+    for img in discover(s):
+        plan = None
+        if img.type in ("raw", "block"):
+            from overlayctl import rawimage
+            plan = rawimage.inspect(img.path, _policy_for(s, img), cls_name=s.cls.name,
+                                    cert_root=s.root)
+        out.append((img, plan))
+    return out
+
+
+def _mount_raw(s: Settings, img: Image, plan: ImagePlan, stack: ExitStack) -> Image:
     """Mount a raw image (detached) for the rest of the call: its root becomes the image's
     path, the file is kept as its source."""
     from overlayctl import rawimage
-    fd, usr_only = rawimage.mount_image(img.path, stack)
-    return img.replace(source=img.path, path=f"/proc/self/fd/{fd}", usr_root=usr_only)
+    fd, usr_only, prot = rawimage.mount_image(plan, stack, cert_root=s.root)
+    return img.replace(source=img.path, path=f"/proc/self/fd/{fd}", usr_root=usr_only,
+                       protection=prot)
 
 
-def accepted_images(s: Settings, stack: ExitStack) -> list[Image]:
-    """The compatible images of S's class, in version order (raw ones mounted)."""
+def accepted_images(s: Settings, stack: ExitStack,
+                    checked: list[tuple[Image, ImagePlan | None]] | None = None) -> list[Image]:
+    """The compatible images of S's class, in version order (raw ones mounted). CHECKED:
+    what checked_images() found (the call checks every class's images first)."""
     host = host_os_release(s.root)
     if not host:
         raise die(f"the root {s.root} has no os-release (etc/os-release or "
@@ -62,10 +92,19 @@ def accepted_images(s: Settings, stack: ExitStack) -> list[Image]:
         raise die(f"the host os-release in {s.root} has no ID=",
                   "add ID= to etc/os-release or usr/lib/os-release in the root")
     images = []
-    for img in discover(s):
-        if img.type in ("raw", "block"):
-            img = _mount_raw(img, stack)
-        images.append(read_metadata(s, img))
+    for img, plan in checked_images(s) if checked is None else checked:
+        if plan is None:
+            images.append(read_metadata(s, img))
+            continue
+        img = _mount_raw(s, img, plan, stack)
+        try:
+            images.append(read_metadata(s, img))
+        except OSError as e:
+            # Reading inside a mounted image: EIO is dm-verity refusing a damaged block.
+            raise die(f"cannot read the release file of image {img.source}: {e.strerror}",
+                      "the image is damaged: a block does not match its verity hash tree "
+                      "(see dmesg); copy it again" if plan.verity is not None and
+                      e.errno == errno.EIO else "check the image") from None
     scope = "initrd" if s.initrd else "system"
     accepted: list[Image] = []
     ignored = 0
@@ -102,6 +141,13 @@ def origin_of(s: Settings, plans: list[HierarchyPlan], accepted: list[Image]) ->
     exts: dict[str, dict[str, Any]] = {}
     for img in accepted:
         src = img.source or img.path
+        prot = img.protection
+        if prot is not None and prot.root_hash is not None:
+            # The root hash names the content (dm-verity checks every block against it):
+            # a copy of the same image, or the same image touched, is no change.
+            exts[img.name] = {"path": inside(root, src), "root_hash": prot.root_hash,
+                              "protection": prot.kind}
+            continue
         st = os.stat(src)
         exts[img.name] = {"path": inside(root, src), "inode": st.st_ino, "dev": st.st_dev,
                           "mtime": st.st_mtime_ns // 1000}
@@ -120,8 +166,8 @@ def origin_of(s: Settings, plans: list[HierarchyPlan], accepted: list[Image]) ->
 
 
 def _unchanged(s: Settings, merged: list[str], origin: Origin) -> bool:
-    old = metadata.read_merged(merged[0], s.cls).origin
-    return old == origin.to_json() and set(origin.hierarchies) == {
+    old = metadata.read_origin_text(merged[0], s.cls)
+    return old == metadata.origin_text(origin) and set(origin.hierarchies) == {
         h for h in s.hierarchies if chase(s.root, h, must_exist=True) in merged}
 
 
@@ -195,11 +241,13 @@ def _hygiene(s: Settings, plans: list[HierarchyPlan], merged: list[str]) -> dict
 
 
 def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack,
-             undo: list[tuple[str, str]]) -> Prepared | list[dict[str, Any]] | None:
+             undo: list[tuple[str, str]],
+             checked: list[tuple[Image, ImagePlan | None]] | None = None
+             ) -> Prepared | list[dict[str, Any]] | None:
     """Step 1 for one class: the plans (returned for --dry-run), or the staged overlays;
     None when there is nothing to do (an unchanged refresh). Opaque markers cleared before
     building (hierarchies not merged now) are added to UNDO."""
-    accepted = accepted_images(s, stack)
+    accepted = accepted_images(s, stack, checked)
     targets = [(h, t) for h in s.hierarchies
                if (t := chase(s.root, h, must_exist=True)) is not None]
     merged = [t for _, t in targets if os.path.isdir(t) and live.is_ours(t, s.cls)]
@@ -289,9 +337,10 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
     or nothing. Returns the plans (as JSON) for --dry-run."""
     if settings and settings[0].dry_run:
         plans: list[dict[str, Any]] = []
-        for s in settings:
+        checked = [checked_images(s) for s in settings]
+        for s, c in zip(settings, checked, strict=True):
             with ExitStack() as stack:
-                got = _prepare(None, s, refresh, stack, [])
+                got = _prepare(None, s, refresh, stack, [], c)
                 if isinstance(got, list):
                     plans.extend(got)
         return plans
@@ -307,9 +356,12 @@ def run(locked: Locked, settings: list[Settings], refresh: bool) -> list[str]:
     undo: list[tuple[str, str]] = []     # opaque markers this call cleared
     with ExitStack() as stack:           # (restored, if the call fails, while views are open)
         try:
+            # Every raw image of every class passes the image policy (and the other checks
+            # that need no device) before the first loop or dm device exists.
+            checked = [checked_images(s) for s in settings]
             prepared: list[Prepared] = []
-            for s in settings:
-                got = _prepare(locked, s, refresh, stack, undo)
+            for s, c in zip(settings, checked, strict=True):
+                got = _prepare(locked, s, refresh, stack, undo, c)
                 if isinstance(got, Prepared):
                     prepared.append(got)
             if not prepared:
@@ -374,14 +426,14 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
 
 def rebuild(locked: Locked, root: str, rec: MergeRecord) -> list[str]:
     """Put a rebuilt overlay of one hierarchy in place after its raw upper changed (reset,
-    cleanup): the same mode, options and defaults as its record says, swapped in atomically.
-    Quietly: the messages of a merge mean nothing to the user of reset or cleanup; returns
-    the opaque markers the rebuild cleared, for them to report."""
+    cleanup): the same mode, options, defaults and image policy as its record says, swapped
+    in atomically. Quietly: the messages of a merge mean nothing to the user of reset or
+    cleanup; returns the opaque markers the rebuild cleared, for them to report."""
     from overlayctl.settings import load_settings
     defaults = {rec.hierarchy: rec.defaults} if rec.defaults else None
     s = load_settings(root, rec.cls, cli_mutable=rec.mode, noexec=rec.noexec,
                       always_refresh=True, no_reload=True, defaults=defaults, force=rec.force,
-                      hierarchies=(rec.hierarchy,))
+                      hierarchies=(rec.hierarchy,), image_policy=rec.image_policy)
     s = s.replace(overlay_options=rec.mount_options)
     with log.quiet():
         return run(locked, [s], refresh=True)
@@ -537,6 +589,12 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
                 # Its writes go at unmerge (or a merge in another mode): say how many.
                 row["ephemeral_entries"] = live.ephemeral_entries(target, s.cls)
             row["defaults"] = rec.defaults if rec else None
+            if rec is not None:
+                # Raw images: how each is protected (verity, signature), as merged.
+                prot = {la.name: la.protection for la in rec.layers
+                        if la.role == "extension" and la.name and la.protection}
+                if prot:
+                    row["protection"] = prot
         detached = state.detached_alive(s.root, s.cls.name, h)
         if detached:
             row["detached"] = detached
@@ -557,8 +615,40 @@ def _merge_time(target: str, s: Settings) -> int:
 
 
 def list_rows(s: Settings) -> list[dict[str, Any]]:
-    return [{"name": img.name, "type": img.type, "path": img.path, "time": img.mtime_us,
-             "class": s.cls.name} for img in discover(s)]
+    """Every image of S's class (upstream's keys, plus "class"); raw images also say how
+    they are protected and whether the image policy allows them ("refused": why not).
+    Refused and broken images are listed too."""
+    rows = []
+    for img in discover(s):
+        row: dict[str, Any] = {"name": img.name, "type": img.type, "path": img.path,
+                               "time": img.mtime_us, "class": s.cls.name}
+        if img.type in ("raw", "block"):
+            row.update(_list_protection(s, img))
+        rows.append(row)
+    return rows
+
+
+def _list_protection(s: Settings, img: Image) -> dict[str, Any]:
+    from overlayctl import rawimage
+    from overlayctl.policy import ALLOW_POLICY, PolicyRefused, policy_to_string
+    pol = _policy_for(s, img)
+    out: dict[str, Any] = {"protection": None, "root_hash": None,
+                           "policy": policy_to_string(pol), "refused": None}
+    try:
+        plan = rawimage.inspect(img.path, pol, cls_name=s.cls.name, activate=False)
+    except PolicyRefused as e:
+        out["refused"] = e.message
+        try:
+            plan = rawimage.inspect(img.path, ALLOW_POLICY, cls_name=s.cls.name,
+                                    activate=False)
+        except OverlayctlError:
+            return out
+    except OverlayctlError as e:
+        out["refused"] = e.message
+        return out
+    out["protection"] = plan.protection.kind
+    out["root_hash"] = plan.protection.root_hash
+    return out
 
 
 __all__ = ["OverlayctlError", "merge", "rebuild", "run", "status_rows", "unmerge"]

@@ -10,7 +10,6 @@ reached to FILE. For tests only."""
 from __future__ import annotations
 
 import os
-import signal
 
 
 def checkpoint(name: str, hierarchy: str | None = None) -> None:
@@ -21,6 +20,7 @@ def checkpoint(name: str, hierarchy: str | None = None) -> None:
             f.write(full + "\n")
     want = os.environ.get("OVERLAYCTL_FAULT")
     if want and want in (name, full):
+        import signal  # not at the top: it imports enum, which a merge does not need
         os.kill(os.getpid(), signal.SIGKILL)
     pause = os.environ.get("OVERLAYCTL_FAULT_PAUSE")
     if pause:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import stat
 
 from overlayctl.errors import die
@@ -14,12 +13,17 @@ from overlayctl.release import ReleaseLookup, find_extension_release, valid_imag
 from overlayctl.settings import ExtClass, Settings
 from overlayctl.versions import version_key
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from overlayctl.verity import Protection
+
 
 class Image(Record):
     """An extension found in a search directory. Discovery fills it in steps, each a
     replace(): found, then (raw images) mounted, then its release file read."""
 
-    __slots__ = ("name", "type", "path", "entry", "mtime_us", "release", "source", "usr_root")
+    __slots__ = ("name", "type", "path", "entry", "mtime_us", "release", "source", "usr_root",
+                 "protection")
     name: str
     type: str                 # directory, raw, block
     path: str                 # resolved host path
@@ -28,10 +32,11 @@ class Image(Record):
     release: ReleaseLookup | None
     source: str | None        # raw images: the image file; path is then its mounted root
     usr_root: bool            # the mounted root is the image's /usr (a /usr partition)
+    protection: Protection | None   # raw images, once mounted: verity, signature, policy
 
     def __init__(self, name: str, type: str, path: str, entry: str, mtime_us: int = 0,
                  release: ReleaseLookup | None = None, source: str | None = None,
-                 usr_root: bool = False) -> None:
+                 usr_root: bool = False, protection: Protection | None = None) -> None:
         self._fill(locals())
 
     def tree_path(self, path: str) -> str | None:
@@ -49,7 +54,13 @@ def _strip_class_suffix(name: str, cls: ExtClass) -> str:
     return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
 
 
-_TRIES = re.compile(r"\+(\d+)(?:-(\d+))?$")
+def _tries(stem: str) -> tuple[int, str] | None:
+    """(tries left, the stem without them) for a stem ending in +LEFT or +LEFT-DONE."""
+    head, plus, tail = stem.rpartition("+")
+    left, dash, done = tail.partition("-")
+    if not plus or not left.isdigit() or (dash and not done.isdigit()):
+        return None
+    return int(left), head
 
 
 def _vpick(root: str, vdir: str, base: str, suffix: str, want_dir: bool) -> str | None:
@@ -65,10 +76,10 @@ def _vpick(root: str, vdir: str, base: str, suffix: str, want_dir: bool) -> str 
             continue
         stem = entry[len(base) + 1: len(entry) - len(suffix) if suffix else None]
         good = True
-        m = _TRIES.search(stem)
-        if m:
-            good = int(m.group(1)) > 0
-            stem = stem[: m.start()]
+        tries = _tries(stem)
+        if tries is not None:
+            good = tries[0] > 0
+            stem = tries[1]
         version, _, maybe_arch = stem.rpartition("_")
         if version and (maybe_arch in _ARCHES or maybe_arch == "any"):
             if maybe_arch not in (arch, "any"):

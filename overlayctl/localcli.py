@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 import sys
@@ -15,11 +14,12 @@ TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs 
 if TYPE_CHECKING:
     from typing import Any
 
+    from overlayctl.args import Args
     from overlayctl.mountns import Locked
     from overlayctl.settings import ExtClass
 
 
-def run(verb: str, words: list[str], args: argparse.Namespace) -> int:
+def run(verb: str, words: list[str], args: Args) -> int:
     root = args.root
     if verb == "diff":
         rows = local.diff(root, words)
@@ -53,7 +53,7 @@ def run(verb: str, words: list[str], args: argparse.Namespace) -> int:
         return _change(locked, verb, words, args)
 
 
-def _change(locked: Locked, verb: str, words: list[str], args: argparse.Namespace) -> int:
+def _change(locked: Locked, verb: str, words: list[str], args: Args) -> int:
     actions: list[local.Action]
     if verb == "reset":
         if not words:

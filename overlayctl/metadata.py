@@ -4,10 +4,10 @@ record (overlayctl.json), and reading them back from a merged hierarchy."""
 
 from __future__ import annotations
 
-import json
 import os
 
 from overlayctl.errors import die
+from overlayctl.jsontext import dumps
 from overlayctl.record import Record
 from overlayctl.settings import ExtClass
 from overlayctl.state import MergeRecord, dump
@@ -136,14 +136,28 @@ def write_meta(meta_root: str, cls: ExtClass, *, names: tuple[str, ...],
         _write(os.path.join(d, "work_dir"), c_escape(work_dir_rel) + "\n")
     if backing:
         _write(os.path.join(d, "backing"), backing + "\n")
-    # Compact: with indent, json falls back to its slow pure-Python encoder (500 extensions).
-    _write(os.path.join(d, "origin"), json.dumps(origin.to_json(), sort_keys=True) + "\n")
+    _write(os.path.join(d, "origin"), origin_text(origin))
     _write(os.path.join(d, RECORD), dump(record.to_json()))
     return d
 
 
+def origin_text(origin: Origin) -> str:
+    """The 'origin' file's text: canonical, so that a refresh compares texts, not parses."""
+    return dumps(origin.to_json()) + "\n"
+
+
 def write_dev(meta_dir: str, st_dev: int) -> None:
     _write(os.path.join(meta_dir, "dev"), f"{os.major(st_dev)}:{os.minor(st_dev)}\n")
+
+
+def read_origin_text(path: str, cls: ExtClass) -> str | None:
+    """The 'origin' file of a merged hierarchy as it is (for the refresh-skip decision)."""
+    try:
+        with open(os.path.join(path, cls.meta_dir, "origin"), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 class Merged(Record):
@@ -187,6 +201,7 @@ def read_merged(path: str, cls: ExtClass) -> Merged:
         t = text(name)
         if t is None:
             return None
+        import json
         try:
             v = json.loads(t)
         except ValueError:

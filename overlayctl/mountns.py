@@ -4,7 +4,6 @@ and a forked child with a private mount namespace (for what must not be seen out
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,7 +59,8 @@ def in_child(fn: Callable[[], tuple[dict[str, Any], list[int]]]) -> tuple[dict[s
     """Run FN in a forked child with a private mount namespace; FN returns (data, fds).
     The fds (detached mounts) and the JSON data come back over a socket; the caller owns
     the fds."""
-    import socket  # only on this path: keep it off the common start-up
+    import json  # only on this path: keep both off the common start-up
+    import socket
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
@@ -11,6 +10,7 @@ if TYPE_CHECKING:
 
 
 def emit_json(value: Any, style: str) -> None:
+    import json
     if style == "pretty":
         text = json.dumps(value, indent=2)
     else:

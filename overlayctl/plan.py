@@ -27,14 +27,16 @@ MUTABLE_ROOT = "/var/lib/extensions.mutable"
 class Layer(Record):
     """One lower layer of an overlay."""
 
-    __slots__ = ("role", "path", "name", "image")
+    __slots__ = ("role", "path", "name", "image", "protection")
     role: LayerRole
     path: str | None           # host path; None for layers in the private workspace
     name: str | None           # the extension name, for role "extension"
     image: str | None          # raw images: the image file the layer comes from
+    protection: dict[str, str | None] | None   # raw images: verity.Protection.to_json()
 
     def __init__(self, role: LayerRole, path: str | None, name: str | None = None,
-                 image: str | None = None) -> None:
+                 image: str | None = None,
+                 protection: dict[str, str | None] | None = None) -> None:
         self._fill(locals())
 
     def describe(self) -> str:
@@ -214,7 +216,8 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
                       "directory", f"make {hierarchy} a directory in the extension or remove it")
         if is_empty_dir(lp):
             continue
-        ext_layers.append(Layer("extension", lp, img.name, img.source))
+        ext_layers.append(Layer("extension", lp, img.name, img.source,
+                                img.protection.to_json() if img.protection else None))
 
     defaults: str | None = None
     if hierarchy in settings.defaults:

@@ -4,14 +4,19 @@ compatibility check of an extension against the host."""
 from __future__ import annotations
 
 import os
-import re
 
 from overlayctl.errors import die
 from overlayctl.kernel import uname_architecture
 from overlayctl.paths import chase
 from overlayctl.record import Record
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEY_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_KEY_CHARS = _KEY_START | frozenset("0123456789")
+
+
+def _valid_key(key: str) -> bool:
+    """An environment-variable name: [A-Za-z_][A-Za-z0-9_]* (no regex: start-up time)."""
+    return bool(key) and key[0] in _KEY_START and all(c in _KEY_CHARS for c in key)
 _TRUE = {"1", "yes", "y", "true", "t", "on"}
 _FALSE = {"0", "no", "n", "false", "f", "off"}
 
@@ -67,7 +72,7 @@ def parse_env_text(text: str) -> dict[str, str]:
             continue
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not _KEY.match(key):
+        if not sep or not _valid_key(key):
             continue
         result[key] = _unquote(value.strip())
     return result
@@ -106,8 +111,8 @@ def _cut_version(name: str) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    m = re.search(r"[_+]", name)
-    return name[: m.start()] if m else name
+    cut = min((i for i in (name.find("_"), name.find("+")) if i >= 0), default=-1)
+    return name[:cut] if cut >= 0 else name
 
 
 def valid_image_name(name: str) -> bool:

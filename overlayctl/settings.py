@@ -14,6 +14,7 @@ from overlayctl.vocab import MUTABLE_MODES
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
+    from overlayctl.policy import ImagePolicy
     from overlayctl.vocab import ClassName, MutableMode
 
 __all__ = ["CLASSES", "MUTABLE_MODES", "ExtClass", "Settings", "load_settings"]
@@ -168,7 +169,7 @@ class Settings(Record):
     always_refresh: bool
     no_reload: bool
     dry_run: bool
-    image_policy: str | None
+    image_policy: ImagePolicy | None    # --image-policy= or ImagePolicy=; None: per image
     initrd: bool
     extra: dict[str, str]
     defaults: dict[str, str]            # hierarchy -> dir inside root
@@ -179,7 +180,7 @@ class Settings(Record):
                  overlay_options: str | None = None, force: bool = False,
                  noexec: bool | None = None, always_refresh: bool = False,
                  no_reload: bool = False, dry_run: bool = False,
-                 image_policy: str | None = None, initrd: bool = False,
+                 image_policy: ImagePolicy | None = None, initrd: bool = False,
                  extra: dict[str, str] | None = None, defaults: dict[str, str] | None = None,
                  keep_defaults: tuple[str, ...] = ()) -> None:
         v = locals()
@@ -215,6 +216,7 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
     if cli_mutable is not None:
         mutable, source = cli_mutable, "--mutable"
     items = read_ini_items(root, f"systemd/{cls.name}.conf", cls.section)
+    conf_policy, items = _config_policy(items, cls.name)
     conf = {k: v for k, v, _ in items}
     if source == "default":
         for key, value, path in items:
@@ -226,8 +228,9 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
             else:
                 # The last valid assignment wins, as in systemd's config parser.
                 mutable, source = m, f"{cls.name}.conf"
-    if image_policy is None:
-        image_policy = conf.get("ImagePolicy")
+    policy = conf_policy
+    if image_policy is not None:
+        policy = parse_image_policy(image_policy)
     ours = f"overlayctl/{cls.name}.conf"
     dflt: dict[str, str] = {}
     for h, d in read_ini(root, ours, "Defaults").items():
@@ -245,9 +248,39 @@ def load_settings(root: str, class_name: str, *, cli_mutable: MutableMode | None
         mutable=mutable, mutable_source=source,
         overlay_options=os.environ.get(f"{cls.env_prefix}_OVERLAYFS_MOUNT_OPTIONS"),
         force=force, noexec=noexec, always_refresh=always_refresh,
-        no_reload=no_reload or root != "/", dry_run=dry_run, image_policy=image_policy,
+        no_reload=no_reload or root != "/", dry_run=dry_run, image_policy=policy,
         initrd=os.path.exists(chase(root, "/etc/initrd-release") or "/nonexistent"),
         extra=conf, defaults=dflt, keep_defaults=tuple(keep.split()))
+
+
+def parse_image_policy(text: str) -> ImagePolicy:
+    """--image-policy=TEXT as systemd parses it (strictly): a one-line error otherwise.
+    Only called when a policy is given: the class defaults are never parsed."""
+    from overlayctl.policy import parse_policy
+    return parse_policy(text)
+
+
+def _config_policy(items: list[tuple[str, str, str]], cls_name: str
+                   ) -> tuple[ImagePolicy | None, list[tuple[str, str, str]]]:
+    """ImagePolicy= of the configuration files, parsed as systemd 262 parses it: unknown
+    designators and flags are skipped, an empty value resets it; anything else it cannot
+    parse (no '=', a rule given twice) makes 262 ignore the configuration altogether
+    ("Failed to parse sysext config file, ignoring"): then ITEMS come back empty."""
+    policy: ImagePolicy | None = None
+    for key, value, path in items:
+        if key != "ImagePolicy":
+            continue
+        if not value:
+            policy = None
+            continue
+        from overlayctl.policy import PolicyError, parse_policy
+        try:
+            policy = parse_policy(value, graceful=True, source=f"{path}: ImagePolicy")
+        except PolicyError as e:
+            log.warning(f"{e.message}: ignoring the {cls_name} configuration files, as "
+                        "systemd does")
+            return None, []
+    return policy, items
 
 
 def parse_defaults_arg(values: list[str], class_names: list[str]) -> dict[str, str]:

@@ -18,9 +18,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+from overlayctl.jsontext import dumps
 from overlayctl.paths import single_component
 from overlayctl.record import Record
 
@@ -51,11 +51,11 @@ def atomic_write(path: str, text: str, *, sync: bool = True) -> None:
 
 
 def dump(value: Any) -> str:
-    # json.dumps, not json.dump: only the former uses the C encoder.
-    return json.dumps(value, sort_keys=True, separators=(",", ":")) + "\n"
+    return dumps(value) + "\n"
 
 
 def _read(path: str) -> dict[str, Any] | None:
+    import json
     try:
         with open(path, encoding="utf-8") as f:
             v = json.load(f)
@@ -69,12 +69,14 @@ def _read(path: str) -> dict[str, Any] | None:
 
 
 class RecordedLayer(Record):
-    __slots__ = ("role", "name", "path")
+    __slots__ = ("role", "name", "path", "protection")
     role: LayerRole
     name: str | None
     path: str | None          # as seen inside the root (raw images: the image file)
+    protection: dict[str, str | None] | None   # raw images: verity.Protection.to_json()
 
-    def __init__(self, role: LayerRole, name: str | None, path: str | None) -> None:
+    def __init__(self, role: LayerRole, name: str | None, path: str | None,
+                 protection: dict[str, str | None] | None = None) -> None:
         self._fill(locals())
 
 
@@ -82,7 +84,7 @@ class MergeRecord(Record):
     """How a hierarchy was merged, as overlayctl knows it (paths as seen inside the root)."""
 
     __slots__ = ("cls", "hierarchy", "mode", "upper", "upperdir", "workdir", "layers",
-                 "noexec", "force", "mount_options", "defaults", "since")
+                 "noexec", "force", "mount_options", "defaults", "since", "image_policy")
     cls: str
     hierarchy: str
     mode: MutableMode
@@ -95,11 +97,12 @@ class MergeRecord(Record):
     mount_options: str | None
     defaults: str | None
     since: int                # when it was merged, µs since the epoch
+    image_policy: str | None  # --image-policy= or ImagePolicy= as given (None: defaults)
 
     def __init__(self, *, cls: str, hierarchy: str, mode: MutableMode, upper: UpperKind | None,
                  upperdir: str | None, workdir: str | None, layers: tuple[RecordedLayer, ...],
                  noexec: bool | None, force: bool, mount_options: str | None,
-                 defaults: str | None, since: int) -> None:
+                 defaults: str | None, since: int, image_policy: str | None = None) -> None:
         self._fill(locals())
 
     def to_json(self) -> dict[str, Any]:
@@ -108,7 +111,7 @@ class MergeRecord(Record):
                 "layers": [la.fields() for la in self.layers], "overlayctl": True,
                 "noexec": self.noexec, "force": self.force,
                 "mount_options": self.mount_options, "defaults": self.defaults,
-                "since": self.since}
+                "since": self.since, "image_policy": self.image_policy}
 
     @classmethod
     def from_json(cls, j: dict[str, Any]) -> MergeRecord | None:
@@ -121,14 +124,18 @@ class MergeRecord(Record):
             upper = j.get("upper")
             if upper not in (None, "persistent", "host", "ephemeral"):
                 return None
-            layers = tuple(RecordedLayer(la["role"], la.get("name"), la.get("path"))
+            layers = tuple(RecordedLayer(la["role"], la.get("name"), la.get("path"),
+                                         la.get("protection") if isinstance(
+                                             la.get("protection"), dict) else None)
                            for la in j.get("layers", []))
             return MergeRecord(
                 cls=str(j["class"]), hierarchy=str(j["hierarchy"]), mode=mode, upper=upper,
                 upperdir=j.get("upperdir"), workdir=j.get("workdir"), layers=layers,
                 noexec=j.get("noexec"), force=bool(j.get("force")),
                 mount_options=j.get("mount_options"), defaults=j.get("defaults"),
-                since=int(j.get("since") or 0))
+                since=int(j.get("since") or 0),
+                image_policy=j.get("image_policy") if isinstance(j.get("image_policy"),
+                                                                 str) else None)
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -235,40 +242,95 @@ class DirsRecord(Record):
                  clean: bool) -> None:
         self._fill(locals())
 
-    def to_json(self) -> dict[str, Any]:
-        j = self.fields()
-        j["version"] = 1
-        j["deliberate"] = list(self.deliberate)
-        j["pending"] = list(self.pending)
-        return j
+    # A line format, read without the json module (which costs milliseconds at boot):
+    #   overlayctl-dirs 1
+    #   since N / upper PATH / base 0|1 / closed 0|1 / drop_whiteouts 0|1 / clean 0|1
+    #   dirs|window|whiteout_dirs PATH (one line per leaf), deliberate|pending PATH
+    # with "\\" and "\n" escaped in paths.
+    _FLAGS = ("base", "closed", "drop_whiteouts", "clean")
+    _TREES = ("dirs", "window", "whiteout_dirs")
+
+    def to_text(self) -> str:
+        out = ["overlayctl-dirs 1", f"since {self.since}", f"upper {_esc(self.upper)}"]
+        out += [f"{k} {int(getattr(self, k))}" for k in self._FLAGS]
+        for k in self._TREES:
+            out += [f"{k} {_esc(p)}" for p in _tree_paths(getattr(self, k))]
+        for k in ("deliberate", "pending"):
+            out += [f"{k} {_esc(p)}" for p in getattr(self, k)]
+        return "\n".join(out) + "\n"
 
     @classmethod
-    def from_json(cls, j: dict[str, Any]) -> DirsRecord | None:
+    def from_text(cls, text: str) -> DirsRecord | None:
+        lines = text.split("\n")
+        if not lines or lines[0] != "overlayctl-dirs 1":
+            return None
+        v: dict[str, Any] = {k: {} for k in cls._TREES}
+        v["deliberate"], v["pending"] = [], []
         try:
-            if j.get("version") != 1:
-                return None
-            trees = [j[k] for k in ("dirs", "window", "whiteout_dirs")]
-            if not all(isinstance(t, dict) for t in trees):
-                return None
-            return DirsRecord(
-                since=int(j["since"]), upper=str(j["upper"]), dirs=trees[0], window=trees[1],
-                whiteout_dirs=trees[2], deliberate=tuple(str(x) for x in j["deliberate"]),
-                pending=tuple(str(x) for x in j["pending"]), base=bool(j["base"]),
-                closed=bool(j["closed"]), drop_whiteouts=bool(j["drop_whiteouts"]),
-                clean=bool(j["clean"]))
-        except (KeyError, TypeError, ValueError):
+            for line in lines[1:]:
+                if not line:
+                    continue
+                key, _, val = line.partition(" ")
+                if key == "since":
+                    v["since"] = int(val)
+                elif key == "upper":
+                    v["upper"] = _unesc(val)
+                elif key in cls._FLAGS:
+                    v[key] = val == "1"
+                elif key in cls._TREES:
+                    node = v[key]
+                    for comp in _unesc(val).split("/"):
+                        node = node.setdefault(comp, {})
+                elif key in ("deliberate", "pending"):
+                    v[key].append(_unesc(val))
+            return DirsRecord(since=v["since"], upper=v["upper"], dirs=v["dirs"],
+                              window=v["window"], whiteout_dirs=v["whiteout_dirs"],
+                              deliberate=tuple(v["deliberate"]), pending=tuple(v["pending"]),
+                              base=v["base"], closed=v["closed"],
+                              drop_whiteouts=v["drop_whiteouts"], clean=v["clean"])
+        except (KeyError, ValueError):
             return None
 
 
+def _esc(p: str) -> str:
+    return p.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _unesc(p: str) -> str:
+    if "\\" not in p:
+        return p
+    out, i = [], 0
+    while i < len(p):
+        if p[i] == "\\" and i + 1 < len(p):
+            out.append("\n" if p[i + 1] == "n" else p[i + 1])
+            i += 2
+        else:
+            out.append(p[i])
+            i += 1
+    return "".join(out)
+
+
+def _tree_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """The leaves' paths of TREE (each leaf names its ancestors too), sorted."""
+    out: list[str] = []
+    for name in sorted(tree):
+        rel = f"{prefix}/{name}" if prefix else name
+        sub = tree[name]
+        out += _tree_paths(sub, rel) if sub else [rel]
+    return out
+
+
 def load_dirs(root: str, cls_name: str, hierarchy: str) -> DirsRecord | None:
-    j = _read(state_path(root, cls_name, hierarchy, ".dirs"))
-    return DirsRecord.from_json(j) if j is not None else None
+    try:
+        with open(state_path(root, cls_name, hierarchy, ".dirs"), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            return DirsRecord.from_text(f.read())
+    except OSError:
+        return None
 
 
 def save_dirs(root: str, cls_name: str, hierarchy: str, rec: DirsRecord) -> None:
-    # Compact and unsorted: the C encoder, and a tree of a big /usr is a few hundred kB.
-    atomic_write(state_path(root, cls_name, hierarchy, ".dirs"),
-                 json.dumps(rec.to_json(), separators=(",", ":")) + "\n")
+    atomic_write(state_path(root, cls_name, hierarchy, ".dirs"), rec.to_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,10 +368,11 @@ def note_detached(root: str, cls_name: str, hierarchy: str, dev: int) -> None:
     items = _read_list(path)
     items.append({"class": cls_name, "hierarchy": hierarchy, "dev": dev,
                   "since": int(os.stat(os.path.dirname(path)).st_mtime)})
-    atomic_write(path, json.dumps(items), sync=False)
+    atomic_write(path, dumps(items), sync=False)
 
 
 def _read_list(path: str) -> list[dict[str, Any]]:
+    import json
     try:
         with open(path, encoding="utf-8") as f:
             items = json.load(f)
@@ -337,7 +400,7 @@ def detached_alive(root: str, cls_name: str, hierarchy: str) -> list[dict[str, A
                           "processes": [{"pid": pid, "name": name} for pid, name in users]})
     if len(keep) != len(items):
         try:
-            atomic_write(path, json.dumps(keep), sync=False)
+            atomic_write(path, dumps(keep), sync=False)
         except OSError:
             pass
     return alive

@@ -601,12 +601,12 @@ def _default_class() -> str:
     return "confext" if "systemd-confext" in os.path.basename(sys.argv[0]) else "sysext"
 
 
-def _options(argv: list[str], parser: Callable[[], Any]) -> Options:
+def _options(argv: list[str], parser: Callable[[list[str]], Any]) -> Options:
     """The service's defaults from its command line: the options systemd-sysext takes, plus
     overlayctl's class word (`overlayctl confext`). Verbs are ignored, as upstream does once
     it knows it is a varlink service."""
     from overlayctl.settings import CLASSES, MUTABLE_MODES, parse_defaults_arg, parse_mutable
-    args = parser().parse_intermixed_args(argv)
+    args = parser(argv)
     if args.dry_run:
         raise die("--dry-run cannot be combined with the varlink service",
                   "call the methods without it, or use 'overlayctl merge --dry-run'")
@@ -618,6 +618,9 @@ def _options(argv: list[str], parser: Callable[[], Any]) -> Options:
         if mutable is None:
             raise die(f"failed to parse argument to --mutable=: {args.mutable}",
                       f"use one of {', '.join(MUTABLE_MODES)}, or a boolean")
+    if args.image_policy is not None:
+        from overlayctl.settings import parse_image_policy
+        parse_image_policy(args.image_policy)
     root = os.path.realpath(args.root)
     if not os.path.isdir(root):
         raise die(f"--root={args.root}: no such directory", "give an existing directory")
@@ -890,7 +893,7 @@ def activation(environ: dict[str, str] | os._Environ[str] | None = None
     return listeners, conns
 
 
-def main(argv: list[str], parser: Callable[[], Any]) -> int | None:
+def main(argv: list[str], parser: Callable[[list[str]], Any]) -> int | None:
     """Serve varlink if this is a varlink invocation; None if it is not (run the CLI).
     PARSER makes the command line's parser (cli.py's: the service takes the same options)."""
     try:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from overlayctl import state
+from overlayctl.state import DirsRecord
 from tests.conftest import REPO, Result, Root
 from tests.integration.olhelpers import overlays_at, status_json
 from tests.integration.peer import need_peer, run_plan, upstream_peer
@@ -76,10 +78,10 @@ class Host:
     def usr(self, rel: str = "") -> Path:
         return self.r / "usr" / rel
 
-    def dirs_record(self) -> dict[str, object]:
-        v = json.loads((self.r / "var/lib/overlayctl/sysext/usr.dirs").read_text())
-        assert isinstance(v, dict)
-        return v
+    def dirs_record(self) -> DirsRecord:
+        rec = state.load_dirs(str(self.r.path), "sysext", "/usr")
+        assert rec is not None
+        return rec
 
 
 @pytest.fixture
@@ -140,7 +142,7 @@ def test_deliberate_marker_is_kept_across_merges(host: Host) -> None:
     r = host.merge()
     assert "Cleared" not in r.stderr
     assert sorted(os.listdir(host.usr("share/app"))) == ["mine.conf"]
-    assert "share/app" in host.dirs_record()["deliberate"]  # type: ignore[operator]
+    assert "share/app" in host.dirs_record().deliberate
     host.unmerge()
 
 
@@ -166,9 +168,7 @@ def test_refresh_over_a_merge_without_our_record_keeps_markers(host: Host) -> No
     the record of an earlier one), the markers are not told apart."""
     host.merge()
     host.usr("lib/pkgdir").mkdir()
-    rec = host.dirs_record()
-    rec["since"] = 1
-    (host.r / "var/lib/overlayctl/sysext/usr.dirs").write_text(json.dumps(rec))
+    state.save_dirs(str(host.r.path), "sysext", "/usr", host.dirs_record().replace(since=1))
     host.r.sysext("later", {"usr/lib/pkgdir/extfile": "X\n"})
     r = host.refresh()
     assert "Cleared" not in r.stderr and os.listdir(host.usr("lib/pkgdir")) == []
@@ -235,7 +235,7 @@ def test_marker_on_the_way_to_a_carried_mount_waits_for_the_next_merge(host: Hos
     r = host.refresh()
     assert "Not clearing the opaque marker of /usr/lib/pkgdir yet" in r.stderr, r.stderr
     assert "extfile" not in os.listdir(host.usr("lib/pkgdir"))
-    assert "lib/pkgdir" in host.dirs_record()["pending"]  # type: ignore[operator]
+    assert "lib/pkgdir" in host.dirs_record().pending
     host.unmerge()
     r = host.merge()
     assert "Cleared the opaque marker of /usr/lib/pkgdir" in r.stderr

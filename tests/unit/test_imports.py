@@ -22,15 +22,17 @@ RANKS: dict[str, int] = {
     "local": 70,                             # local-change verbs call the engine to rebuild
     "engine": 60,                            # order of operations of merge/refresh/unmerge
     "attach": 50, "build": 48, "manifest": 47, "legacy": 46, "live": 45, "nested": 44,
-    "hygiene": 44, "rawimage": 43, "devices": 42, "dm": 42, "mountns": 41, "overlayfs": 40,
+    "hygiene": 44, "rawimage": 43, "devices": 42, "dm": 41, "mountns": 41, "overlayfs": 40,
+    "args": 31,                              # the command line (uses release.parse_boolean)
     "plan": 30,                              # pure
-    "policy": 29, "verity": 29,
-    "images": 28, "settings": 27, "release": 26, "versions": 25,
+    "images": 28, "settings": 27,
+    "policy": 26, "verity": 26,              # settings parses policies, images has verity
+    "release": 26, "versions": 25,
     "metadata": 29, "state": 20,
     "kernel": 10,
     "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "faults": 5,
     "busy": 5, "output": 5, "inuse": 5,
-    "vocab": 2,
+    "vocab": 2, "jsontext": 3,
     "record": 1,
     "__init__": 0,
 }
