@@ -494,6 +494,135 @@ def bench_diff(args: argparse.Namespace, tools: Tools, r: Runner,
     return rows
 
 
+# ----------------------------------------------------------------------------- issue 10
+
+HYGIENE_RE = re.compile(r"^hygiene of /usr: (\d+) opaque markers cleared, (\d+) directories "
+                        r"examined, (\d+) deliberate, in ([0-9.]+) ms")
+UNMERGE_HYGIENE_RE = re.compile(r"^hygiene of /usr at unmerge: ([0-9.]+) ms")
+SWAP_RE = re.compile(r"^Swapped (\S+): both overlays attached for (\d+) us; the new one "
+                     r"existed detached for ([0-9.]+) ms before")
+
+
+def make_big_usr(root: Path, ndirs: int) -> None:
+    """A host tree whose /usr has NDIRS directories of 8 files (a real /usr: about 8 files per
+    directory), and 10 extensions of 20 directories each (in /usr/lib and /usr/share)."""
+    make_base(root, 50)
+    for i in range(ndirs):
+        d = root / f"usr/share/pkg{i // 100:03d}/d{i % 100:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(8):
+            (d / f"f{j}").write_text("x\n")
+    for e in range(10):
+        name = f"x{e:02d}"
+        write(ext_dir(root, "sysext") / name / f"usr/lib/extension-release.d/"
+              f"extension-release.{name}", "ID=_any\n")
+        for k in range(20):
+            where = "lib" if k % 2 else "share"
+            write(ext_dir(root, "sysext") / name / f"usr/{where}/{name}/d{k:02d}/file", "e\n")
+
+
+def bench_hygiene(args: argparse.Namespace, tools: Tools, r: Runner,
+                  tmp: Path) -> list[dict[str, Any]]:
+    """What the record of the lower layers' directories costs on the boot path (issue 10):
+    in-process milliseconds from overlayctl's debug lines, for the real /usr as its own upper
+    ("host") in the steady state (a record exists) and on the first merge (no record: the
+    whole upper is read once), at unmerge (the whiteout scan), and for a persistent upper over
+    the plain /usr; plus the whole merge, and the size of the record."""
+    rows = []
+    env = dict(r.env, SYSTEMD_LOG_LEVEL="debug")
+    dbg = Runner(env)
+    for ndirs in args.hygiene_sizes:
+        root = tmp / f"h{ndirs}"
+        t0 = time.monotonic()
+        make_big_usr(root, ndirs)
+        log(f"hygiene tree: /usr with {ndirs} directories built in {time.monotonic() - t0:.1f}s")
+        row: dict[str, Any] = {"dirs": ndirs, "cases": {}}
+        record = root / "var/lib/overlayctl/sysext/usr.dirs"
+        for mode in ("host", "yes"):
+            set_mutable_state(root, "sysext", mode)
+            cases: dict[str, list[dict[str, Any]]] = {"first merge": [], "merge": [],
+                                                      "unmerge": []}
+            for rep in range(args.reps + 1):
+                record.unlink(missing_ok=True)
+                for case in ("first merge", "merge"):
+                    m = dbg.run(tools.cmd("overlayctl", "sysext", root, "merge", mode))
+                    u = dbg.run(tools.cmd("overlayctl", "sysext", root, "unmerge"))
+                    force_unmount(root)
+                    if rep == 0:
+                        continue   # warm-up
+                    hy = [HYGIENE_RE.match(x) for x in m["stderr"].splitlines()]
+                    got = next((x for x in hy if x), None)
+                    un = next((x for x in map(UNMERGE_HYGIENE_RE.match,
+                                              u["stderr"].splitlines()) if x), None)
+                    cases[case].append({"merge_ms": m["ms"], "rc": m["rc"],
+                                        "hygiene_ms": float(got.group(4)) if got else None,
+                                        "examined": int(got.group(2)) if got else None})
+                    if case == "merge":
+                        cases["unmerge"].append({"unmerge_ms": u["ms"],
+                                                 "hygiene_ms": float(un.group(1)) if un
+                                                 else None})
+            label = "host (/usr its own upper)" if mode == "host" else "persistent upper"
+            row["cases"][label] = {
+                k: {"hygiene_ms": stats([x["hygiene_ms"] for x in v
+                                         if x.get("hygiene_ms") is not None]),
+                    "whole_ms": stats([x.get("merge_ms", x.get("unmerge_ms")) for x in v]),
+                    "examined": next((x["examined"] for x in v if x.get("examined")), None)}
+                for k, v in cases.items()}
+            row["cases"][label]["record_bytes"] = record.stat().st_size if record.exists() \
+                else None
+        rows.append(row)
+        h = row["cases"]["host (/usr its own upper)"]
+        log(f"hygiene {ndirs} dirs, host: merge {fmt_ms(h['merge']['hygiene_ms'], False)} ms, "
+            f"first merge {fmt_ms(h['first merge']['hygiene_ms'], False)} ms, unmerge "
+            f"{fmt_ms(h['unmerge']['hygiene_ms'], False)} ms")
+    return rows
+
+
+def bench_window(args: argparse.Namespace, tools: Tools, r: Runner,
+                 tmp: Path) -> list[dict[str, Any]]:
+    """The refresh window of issue 10, item 7: per hierarchy, how long both overlays are
+    attached (move_mount beneath -> the old one detached), and how long the new one existed
+    detached before (it shares the upper from its creation on), from the debug line of each
+    `refresh --always-refresh=yes`."""
+    dbg = Runner(dict(r.env, SYSTEMD_LOG_LEVEL="debug"))
+    rows = []
+    for n, mode, dirty in [(n, m, d) for n in (1, 10) for m in ("yes", "host", "ephemeral")
+                           for d in (0, 20)]:
+        root = tmp / f"s{n}"
+        if not root.exists():
+            continue
+        set_mutable_state(root, "sysext", mode)
+        m = dbg.run(tools.cmd("overlayctl", "sysext", root, "merge", mode))
+        if m["rc"] != 0:
+            log(f"window: merge failed: {m['stderr'][-200:]}")
+            continue
+        attached: dict[str, list[float]] = {}
+        detached: dict[str, list[float]] = {}
+        for _ in range(args.reps * 4):
+            if dirty:
+                # Unwritten data on the upper's file system: what tearing down an overlay
+                # with an upper syncs (a busy machine has some).
+                with open(root / "dirty", "wb") as f:
+                    f.write(os.urandom(dirty << 20))
+            x = dbg.run(tools.cmd("overlayctl", "sysext", root, "refresh", mode))
+            for line in x["stderr"].splitlines():
+                mm = SWAP_RE.match(line)
+                if mm:
+                    h = os.path.basename(mm.group(1))
+                    attached.setdefault(h, []).append(float(mm.group(2)))
+                    detached.setdefault(h, []).append(float(mm.group(3)))
+        dbg.run(tools.cmd("overlayctl", "sysext", root, "unmerge"))
+        force_unmount(root)
+        (root / "dirty").unlink(missing_ok=True)
+        for h in sorted(attached):
+            rows.append({"n": n, "mode": mode, "hierarchy": "/" + h, "dirty_mb": dirty,
+                         "attached_us": stats(attached[h]),
+                         "detached_ms": stats(detached[h])})
+        log(f"window n={n} {mode} dirty={dirty} MB: " + ", ".join(
+            f"/{h} {stats(v)['median']:.0f} us" for h, v in sorted(attached.items())))
+    return rows
+
+
 IMPORT_RE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
@@ -512,7 +641,8 @@ def bench_startup(args: argparse.Namespace, tools: Tools, r: Runner, tmp: Path) 
                          "['purelib'])"], capture_output=True, text=True, env=r.env).stdout.strip()
     boot = f"import sys; sys.path[:0] = [{str(REPO)!r}, {sp!r}]; "
     argv = ["overlayctl", f"--root={root}", "sysext", "merge", "--no-reload"]
-    merge_path = "import overlayctl.cli, overlayctl.engine, overlayctl.apply, overlayctl.local"
+    merge_path = ("import overlayctl.cli, overlayctl.engine, overlayctl.attach, "
+                  "overlayctl.hygiene, overlayctl.local")
     cases["python -I -S: import overlayctl.cli"] = [tools.python, "-I", "-S", "-c",
                                                     boot + "import overlayctl.cli"]
     cases["python -I -S: import the merge path"] = [tools.python, "-I", "-S", "-c",
@@ -822,7 +952,7 @@ def report(res: dict[str, Any]) -> str:
              + f". overlayctl: `{m['overlayctl']}`; upstream: "
              f"{m['upstream'] or 'not given'}. {res['reps']} repetitions per cell, interleaved; "
              "times are wall-clock ms of the whole process, median [min–max].\n")
-    has_up = any("upstream" in r["tools"] for r in res["merge"])
+    has_up = any("upstream" in r["tools"] for r in res.get("merge", []))
     L.append("## merge / refresh / unmerge\n")
     L.append("`refresh` is `refresh --always-refresh=yes` (a full re-merge); `noop` is a plain "
              "`refresh` with nothing changed. Peak RSS is the largest of the row's processes.\n")
@@ -839,7 +969,7 @@ def report(res: dict[str, Any]) -> str:
     hdr += " peak RSS ovl MiB |" + (" peak RSS up MiB |" if has_up else "")
     sep += "---:|" + ("---:|" if has_up else "")
     L += [hdr, sep]
-    for r in res["merge"]:
+    for r in res.get("merge", []):
         o = r["tools"]["overlayctl"]
         u = r["tools"].get("upstream")
         cells = [r["class"], r["mode"], str(r["n"]),
@@ -910,6 +1040,34 @@ def report(res: dict[str, Any]) -> str:
         L.append("|---|---:|")
         for d in it["top_level_cumulative"][:12]:
             L.append(f"| {d['module']} | {d['cumulative_ms']:.2f} |")
+        L.append("")
+    if res.get("hygiene"):
+        L.append("## the record of the lower layers' directories (issue 10)\n")
+        L.append("In-process cost from overlayctl's debug lines (ms, median [min–max]), and the "
+                 "whole process. `/usr` has N directories of 8 files; 10 extensions of 20 "
+                 "directories each.\n")
+        L.append("| /usr dirs | upper | step | hygiene ms | whole process ms | directories "
+                 "read | record bytes |")
+        L.append("|---:|---|---|---:|---:|---:|---:|")
+        for h in res["hygiene"]:
+            for label, c in h["cases"].items():
+                for step in ("merge", "first merge", "unmerge"):
+                    x = c[step]
+                    L.append(f"| {h['dirs']} | {label} | {step} | {fmt_ms(x['hygiene_ms'])} | "
+                             f"{fmt_ms(x['whole_ms'])} | {x['examined'] or '—'} | "
+                             f"{c['record_bytes'] or '—'} |")
+        L.append("")
+    if res.get("window"):
+        L.append("## the refresh window (issue 10, item 7)\n")
+        L.append("Per hierarchy and `refresh --always-refresh=yes`: both overlays attached "
+                 "(µs, from `move_mount(MOVE_MOUNT_BENEATH)` to the old one detached), and how "
+                 "long the new overlay existed detached before, sharing the upper (ms).\n")
+        L.append("| extensions | mode | dirty MB | hierarchy | attached together µs | new one "
+                 "detached before ms |")
+        L.append("|---:|---|---:|---|---:|---:|")
+        for w in res["window"]:
+            L.append(f"| {w['n']} | {w['mode']} | {w.get('dirty_mb', 0)} | {w['hierarchy']} | "
+                     f"{fmt_ms(w['attached_us'])} | {fmt_ms(w['detached_ms'])} |")
         L.append("")
     a = res.get("analysis")
     if a:
@@ -1150,8 +1308,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--counts", help="comma-separated extension counts (default 1,10,50,100,500)")
     ap.add_argument("--diff-sizes", help="comma-separated upper sizes (default "
                     "1000,10000,100000)")
-    ap.add_argument("--only", default="merge,diff,startup,profile",
-                    help="comma-separated parts to run: merge,diff,startup,profile")
+    ap.add_argument("--only", default="merge,diff,startup,profile,hygiene,window",
+                    help="comma-separated parts to run: merge,diff,startup,profile,hygiene,"
+                    "window")
+    ap.add_argument("--hygiene-sizes", help="comma-separated numbers of /usr directories for "
+                    "the hygiene case (default 1000,16000)")
     ap.add_argument("--tmpdir", default="/tmp", help="where the temporary trees go")
     ap.add_argument("--plot", help="where the plot goes (default: docs/perf-merge.svg, "
                     "bench/out/perf-merge-quick.svg with --quick)")
@@ -1164,6 +1325,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         [1, 10, 100] if a.quick else [1, 10, 50, 100, 500])
     a.diff_sizes = [int(x) for x in a.diff_sizes.split(",")] if a.diff_sizes else (
         [1000] if a.quick else [1000, 10000, 100000])
+    a.hygiene_sizes = [int(x) for x in a.hygiene_sizes.split(",")] if a.hygiene_sizes else (
+        [1000] if a.quick else [1000, 16000])
     a.only = set(a.only.split(","))
     return a
 
@@ -1233,6 +1396,10 @@ def main() -> None:
             res["diff"] = bench_diff(args, tools, r, tmp)
         if "startup" in args.only:
             res["startup"] = bench_startup(args, tools, r, tmp)
+        if "hygiene" in args.only:
+            res["hygiene"] = bench_hygiene(args, tools, r, tmp)
+        if "window" in args.only:
+            res["window"] = bench_window(args, tools, r, tmp)
         if "profile" in args.only and "merge" in args.only:
             ds = 10000 if 10000 in args.diff_sizes else (args.diff_sizes[0]
                                                         if "diff" in args.only else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from contextlib import ExitStack
 
 from overlayctl import faults, log, metadata, mountinfo, nested
@@ -39,16 +40,26 @@ def _graft_binds(b: Built, attached: bool) -> None:
     b.pending_binds = left
 
 
-def _swap_beneath(fd: int, target: str, hierarchy: str) -> bool:
-    """Put the new overlay under the old one and detach the old: no moment without one."""
+def _swap_beneath(fd: int, target: str, hierarchy: str, built_at: float) -> bool:
+    """Put the new overlay under the old one and detach the old: no moment without one.
+    Between the two calls both overlays are attached on TARGET, sharing the upper (only the
+    old one is reached by path until it is detached); the debug line says for how long,
+    and since when the new overlay exists (docs/guarantees.md, "The refresh window"). The
+    caller holds a clone of the old overlay (for the rollback) until after the last swap,
+    so the detach does not tear the old overlay down (which syncs the upper's file system,
+    milliseconds on a disk) inside the window."""
     try:
         k.move_mount(fd, target, beneath=True)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             return False
         raise
+    t0 = time.perf_counter()
     faults.checkpoint("beneath", hierarchy)
     k.umount(target)
+    t1 = time.perf_counter()
+    log.debug(f"Swapped {target}: both overlays attached for {(t1 - t0) * 1e6:.0f} us; the new "
+              f"one existed detached for {(t0 - built_at) * 1e3:.1f} ms before.")
     return True
 
 
@@ -117,7 +128,7 @@ def _attach_one(st: Staged, b: Built, stack: ExitStack) -> tuple[str | None, int
     if st.replace and is_ours(t, cls):
         old_work = metadata.read_merged(t, cls).work_dir
         backup = k.owned(stack, k.open_tree(t, recursive=True))
-        if stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h):
+        if stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h, b.built_at):
             # The upstream order, with a gap: after an interrupted refresh left overlays
             # stacked, or without MOVE_MOUNT_BENEATH (Linux < 6.5).
             if stacked_ours(t) <= 1:

@@ -27,7 +27,7 @@ class Built:
     given."""
 
     __slots__ = ("plan", "spec", "fd", "meta_dir", "pending_binds", "created", "record",
-                 "stale")
+                 "stale", "built_at")
 
     def __init__(self, plan: HierarchyPlan, spec: OverlaySpec, meta_dir: str,
                  record: MergeRecord, created: list[str], stale: list[str]) -> None:
@@ -39,6 +39,7 @@ class Built:
         self.created = created                          # persistent dirs this run made
         self.record = record
         self.stale = stale                              # old ephemeral work dirs to drop
+        self.built_at = 0.0                             # perf_counter() when the overlay was made
 
 
 def _makedirs(path: str, mode: int, created: list[str]) -> None:
@@ -240,7 +241,9 @@ def create_overlays(built: list[Built], cls: ExtClass, stack: ExitStack) -> None
                 k.owned(stack, fd)
             for b, fd in zip(built, fds, strict=True):
                 b.fd = fd
+        now = time.perf_counter()
         for b in built:
+            b.built_at = now
             metadata.write_dev(b.meta_dir, os.fstat(b.fd).st_dev)
     except OSError as e:
         failed = next((b for b in built if b.fd < 0), built[-1])

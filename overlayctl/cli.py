@@ -59,6 +59,11 @@ def cmd_status(classes: list[str], args: Args) -> int:
         log.notice("Note: this kernel cannot mount beneath (Linux < 6.5): refresh has a brief "
                    "gap.")
     for r in rows:
+        if r.get("ephemeral") and r["merged"]:
+            n = r.get("ephemeral_entries")
+            what = f" ({n} entr{'y' if n == 1 else 'ies'} now)" if n is not None else ""
+            log.notice(f"Note: {r['hierarchy']} is ephemeral: its writes{what} are dropped "
+                       "when it is unmerged.")
         for d in r.get("detached", []):
             procs = ", ".join(f"{p['pid']} ({p['name']})" for p in d["processes"])
             log.notice(f"Note: a detached overlay of {r['hierarchy']} is still in use: {procs}")
@@ -115,6 +120,10 @@ def _print_plan(p: dict[str, Any]) -> None:
             label += ": the hierarchy itself"
         print(f"  lower  {layer['path'] or '<private tmpfs>'}  [{label}]")
     print(f"  options {','.join(p['options']) or '-'}  flags {','.join(p['mount_flags'])}")
+    for path in p.get("clear_opaque", []):
+        print(f"  clear opaque marker  {path}")
+    for path in p.get("drop_whiteouts", []):
+        print(f"  drop whiteout  {path}")
 
 
 def cmd_unmerge(classes: list[str], args: Args) -> int:

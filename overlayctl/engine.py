@@ -29,11 +29,13 @@ from overlayctl.record import Record
 from overlayctl.release import check_compatible, host_os_release, parse_boolean, shown
 from overlayctl.settings import Settings
 from overlayctl.state import Manifest, MergeRecord
+from overlayctl.vocab import WRITABLE_UPPERS
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
     from typing import Any
 
+    from overlayctl.hygiene import Hygiene
     from overlayctl.policy import ImagePolicy
     from overlayctl.rawimage import ImagePlan
 
@@ -209,11 +211,13 @@ def _with_merged_mode(s: Settings, merged: list[str]) -> Settings:
 class Prepared:
     """One class of a merge or refresh call, built and ready to attach."""
 
-    __slots__ = ("settings", "accepted", "staged", "drop", "manifests", "journal", "actions")
+    __slots__ = ("settings", "accepted", "staged", "drop", "manifests", "journal", "actions",
+                 "hygiene")
 
     def __init__(self, settings: Settings, accepted: list[Image], staged: attach.Staged | None,
                  drop: list[tuple[str, str]], manifests: dict[str, Manifest],
-                 journal: str, actions: ManagerActions) -> None:
+                 journal: str, actions: ManagerActions,
+                 hygiene: dict[str, Hygiene] | None = None) -> None:
         self.settings = settings
         self.accepted = accepted
         self.staged = staged
@@ -221,13 +225,42 @@ class Prepared:
         self.manifests = manifests       # hierarchy -> manifest to save once merged
         self.journal = journal
         self.actions = actions           # for the service manager, after the commit
+        self.hygiene = hygiene or {}     # hierarchy -> opaque markers and whiteouts to tidy
+
+
+def _hygiene(s: Settings, plans: list[HierarchyPlan], merged: list[str]) -> dict[str, Hygiene]:
+    """Classify the opaque markers of every persistent or host upper (read only)."""
+    want = [p for p in plans if p.merge and p.upper_kind in WRITABLE_UPPERS]
+    if not want:
+        return {}
+    from overlayctl import hygiene, mountinfo, nested
+    mounts = mountinfo.read() if merged else []
+    out: dict[str, Hygiene] = {}
+    for p in want:
+        prev = state.load_dirs(s.root, s.cls.name, p.hierarchy)
+        here = p.target in merged
+        valid = prev is not None
+        below: list[str] = []
+        if here:
+            # Over a merge: the record is this merge's, or (upstream, or a merge killed
+            # before its commit) there is none to go by.
+            live_rec = metadata.read_merged(p.target, s.cls).record
+            valid = valid and live_rec is not None and prev is not None and \
+                live_rec.since == prev.since
+            below = [r for m in mountinfo.submounts(mounts, p.target)
+                     if (r := os.path.relpath(m.mountpoint, p.target)).split("/")[0]
+                     not in nested.META_DIRS]
+        out[p.hierarchy] = hygiene.prepare(s.root, p, prev, valid, here, below)
+    return out
 
 
 def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack,
+             undo: list[tuple[str, str]],
              checked: list[tuple[Image, ImagePlan | None]] | None = None
              ) -> Prepared | list[dict[str, Any]] | None:
     """Step 1 for one class: the plans (returned for --dry-run), or the staged overlays;
-    None when there is nothing to do (an unchanged refresh)."""
+    None when there is nothing to do (an unchanged refresh). Opaque markers cleared before
+    building (hierarchies not merged now) are added to UNDO."""
     accepted = accepted_images(s, stack, checked)
     targets = [(h, t) for h in s.hierarchies
                if (t := chase(s.root, h, must_exist=True)) is not None]
@@ -259,7 +292,10 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
     for p in plans:
         _log_plan(p)
     if s.dry_run:
-        return [_shown_plan(p.as_json(), views) for p in plans]
+        hyg = _hygiene(s, plans, merged)
+        return [_shown_plan({**p.as_json(), **(hyg[p.hierarchy].as_json()
+                                               if p.hierarchy in hyg else {})}, views)
+                for p in plans]
     origin = origin_of(s, plans, accepted)
     if refresh and merged and not interrupted:
         if not _unchanged(s, merged, origin):
@@ -271,8 +307,10 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
             log.info("Skipping extension refresh because no change was found, use "
                      "--always-refresh=yes to always do a refresh.")
             return None
+    hyg = _hygiene(s, plans, merged)
     manifests: dict[str, Manifest] = {}
-    if any(p.merge and p.upper_kind in ("persistent", "host") for p in plans):
+    if any(p.merge and _wants_manifest(p) for p in plans):
+        # (manifest.py loads upper.py: only where a manifest is kept, never for /usr alone)
         from overlayctl import manifest
         for p in plans:
             m = manifest.updated(s.root, s.cls.name, p) if p.merge else None
@@ -284,12 +322,25 @@ def _prepare(locked: Locked | None, s: Settings, refresh: bool, stack: ExitStack
             fd = live.carried_ephemeral(p.target, s.cls, stack)
             if fd is not None:
                 carry[p.target] = fd
+        elif refresh and p.target in merged:
+            old = metadata.read_merged(p.target, s.cls).record
+            if old is not None and old.upper == "ephemeral":
+                live.say_ephemeral_dropped(s.root, p.hierarchy, p.target, s.cls, old.since,
+                                           f"it is merged in mode '{s.mutable}' now")
     assert locked is not None
+    if hyg:
+        from overlayctl import hygiene
+        for hy in hyg.values():
+            if not hy.late:
+                # Not merged now: tidy the upper before the overlay exists.
+                hygiene.drop(hy.upper, hy.hierarchy, hy.whiteouts,
+                             "left by a merge that was not unmerged cleanly")
+                hygiene.clear(hy, undo)
     staged = attach.build_all(locked, s, plans, origin, views, replace=refresh, carry=carry,
                               stack=stack)
     drop = [(p.hierarchy, p.target) for p in plans if not p.merge and p.target in merged]
     actions = _wanted(s, accepted) if staged.built else ManagerActions()
-    return Prepared(s, accepted, staged, drop, manifests, journal, actions)
+    return Prepared(s, accepted, staged, drop, manifests, journal, actions, hyg)
 
 
 def _log_plan(p: HierarchyPlan) -> None:
@@ -302,6 +353,12 @@ def _log_plan(p: HierarchyPlan) -> None:
              else ", upperdir and workdir on a private tmpfs") if p.upper_kind else ""
     log.debug(f"Overlay for '{p.target}' (mutable={p.mode}): lowerdir={layers}{upper}, "
               f"options '{','.join(p.fs_options)}', mount flags {','.join(p.vfs_options)}.")
+
+
+def _wants_manifest(p: HierarchyPlan) -> bool:
+    """manifest.wanted(), without importing it."""
+    return p.upper_kind in WRITABLE_UPPERS and (
+        any(layer.role == "defaults" for layer in p.lowers) or p.hierarchy == "/etc")
 
 
 def _shown_plan(j: dict[str, Any], views: dict[str, live.PlainView]) -> dict[str, Any]:
@@ -323,7 +380,7 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
         checked = [checked_images(s) for s in settings]
         for s, c in zip(settings, checked, strict=True):
             with ExitStack() as stack:
-                got = _prepare(None, s, refresh, stack, c)
+                got = _prepare(None, s, refresh, stack, [], c)
                 if isinstance(got, list):
                     plans.extend(got)
         return plans
@@ -333,29 +390,45 @@ def merge(settings: list[Settings], refresh: bool = False) -> list[dict[str, Any
     return []
 
 
-def run(locked: Locked, settings: list[Settings], refresh: bool) -> None:
-    """merge or refresh under a lock the caller holds (local verbs rebuild through this)."""
-    with ExitStack() as stack:
-        # Every raw image of every class passes the image policy (and the other checks
-        # that need no device) before the first loop or dm device exists.
-        checked = [checked_images(s) for s in settings]
-        prepared: list[Prepared] = []
-        for s, c in zip(settings, checked, strict=True):
-            got = _prepare(locked, s, refresh, stack, c)
-            if isinstance(got, Prepared):
-                prepared.append(got)
-        if not prepared:
-            return
-        for p in prepared:
-            state.write_journal(p.journal)
-        faults.checkpoint("journal")
+def run(locked: Locked, settings: list[Settings], refresh: bool) -> list[str]:
+    """merge or refresh under a lock the caller holds (local verbs rebuild through this).
+    Returns the opaque markers it cleared (paths as the hierarchy shows them)."""
+    undo: list[tuple[str, str]] = []     # opaque markers this call cleared
+    with ExitStack() as stack:           # (restored, if the call fails, while views are open)
         try:
-            attach.attach_all(locked, [p.staged for p in prepared if p.staged is not None])
-        except BaseException:
+            # Every raw image of every class passes the image policy (and the other checks
+            # that need no device) before the first loop or dm device exists.
+            checked = [checked_images(s) for s in settings]
+            prepared: list[Prepared] = []
+            for s, c in zip(settings, checked, strict=True):
+                got = _prepare(locked, s, refresh, stack, undo, c)
+                if isinstance(got, Prepared):
+                    prepared.append(got)
+            if not prepared:
+                return []
             for p in prepared:
-                state.drop_journal(p.journal)
+                state.write_journal(p.journal)
+            faults.checkpoint("journal")
+            late = [h for p in prepared for h in p.hygiene.values() if h.late and h.clear]
+            if late:
+                # A refresh: every overlay is built, nothing but the swap is left; the old
+                # overlay sees no difference (docs/guarantees.md, "The refresh window").
+                from overlayctl import hygiene
+                for h in late:
+                    hygiene.clear(h, undo)
+            try:
+                attach.attach_all(locked, [p.staged for p in prepared if p.staged is not None])
+            except BaseException:
+                for p in prepared:
+                    state.drop_journal(p.journal)
+                raise
+        except BaseException:
+            if undo:
+                from overlayctl import hygiene
+                hygiene.restore(undo)
             raise
         _commit(locked, prepared)
+    return [h.shown(rel) for p in prepared for h in p.hygiene.values() for rel in h.cleared]
 
 
 def _commit(locked: Locked, prepared: list[Prepared]) -> None:
@@ -374,6 +447,13 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
                 m = p.manifests.get(b.plan.hierarchy)
                 if m is not None:
                     state.save_manifest(s.root, s.cls.name, b.plan.hierarchy, m)
+                hy = p.hygiene.get(b.plan.hierarchy)
+                if hy is not None:
+                    state.save_dirs(s.root, s.cls.name, b.plan.hierarchy,
+                                    hy.record(b.record.since))
+                    log.debug(f"hygiene of {b.plan.hierarchy}: {len(hy.cleared)} opaque "
+                              f"markers cleared, {hy.examined} directories examined, "
+                              f"{len(hy.deliberate)} deliberate, in {hy.ms:.1f} ms")
             except OSError as e:
                 log.warning(f"Could not save the merge record of {b.plan.hierarchy}: "
                             f"{e.strerror}")
@@ -382,11 +462,11 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
     apply_actions(actions)
 
 
-def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
+def rebuild(locked: Locked, root: str, rec: MergeRecord) -> list[str]:
     """Put a rebuilt overlay of one hierarchy in place after its raw upper changed (reset,
     cleanup): the same mode, options, defaults and image policy as its record says, swapped
     in atomically. Quietly: the messages of a merge mean nothing to the user of reset or
-    cleanup."""
+    cleanup; returns the opaque markers the rebuild cleared, for them to report."""
     from overlayctl.settings import load_settings
     defaults = {rec.hierarchy: rec.defaults} if rec.defaults else None
     s = load_settings(root, rec.cls, cli_mutable=rec.mode, noexec=rec.noexec,
@@ -394,7 +474,7 @@ def rebuild(locked: Locked, root: str, rec: MergeRecord) -> None:
                       hierarchies=(rec.hierarchy,), image_policy=rec.image_policy)
     s = s.replace(overlay_options=rec.mount_options)
     with log.quiet():
-        run(locked, [s], refresh=True)
+        return run(locked, [s], refresh=True)
 
 
 def assumed_record(root: str, cls_name: str, hierarchy: str,
@@ -638,8 +718,7 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
             origin = merged.origin or {}
             row["merged"] = True
             row["extensions"] = merged.names
-            row["since"] = rec.since if rec and rec.since else (
-                os.stat(target).st_mtime_ns // 1000)
+            row["since"] = rec.since if rec and rec.since else _merge_time(target, s)
             row["mutable"] = rec.mode if rec else (origin.get("mutable") or {}).get("mode")
             top = mountinfo.top_mount(mounts, target)
             upper = top.super_option("upperdir") if top else None
@@ -657,6 +736,8 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
                 row["upperdir"] = (os.path.join(h, s.cls.meta_dir, live.EPHEMERAL_DIR, "upper")
                                    if os.path.isdir(eph) else None)
                 row["ephemeral"] = True
+                # Its writes go at unmerge (or a merge in another mode): say how many.
+                row["ephemeral_entries"] = live.ephemeral_entries(target, s.cls)
             row["defaults"] = rec.defaults if rec else None
             if rec is not None:
                 # Raw images: how each is protected (verity, signature), as merged.
@@ -669,6 +750,18 @@ def status_rows(s: Settings) -> list[dict[str, Any]]:
             row["detached"] = detached
         rows.append(row)
     return rows
+
+
+def _merge_time(target: str, s: Settings) -> int:
+    """When a merge without our record (upstream's) was made: its metadata directory is
+    written then. The hierarchy's own mtime would be that of its upper, which for the real
+    /usr as its own upper is whenever a package was last installed."""
+    for p in (os.path.join(target, s.cls.meta_dir), target):
+        try:
+            return os.stat(p).st_mtime_ns // 1000
+        except OSError:
+            continue
+    return 0
 
 
 def list_rows(s: Settings) -> list[dict[str, Any]]:

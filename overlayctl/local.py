@@ -209,7 +209,11 @@ def diff(root: str, paths: list[str]) -> list[dict[str, Any]]:
                 continue
             m = state.load_manifest(root, cls.name, h)
             pinned = set(m.pinned)
-            for c in classify(st.upper, st.layers, [r for r in rels if r] or None):
+            # The real hierarchy as its own upper, nothing below it but extensions: its own
+            # files are the system, not local changes; only what touches the extensions is.
+            lower_only = st.record.upper == "host" and not st.record.defaults
+            for c in classify(st.upper, st.layers, [r for r in rels if r] or None,
+                              lower_only=lower_only):
                 j = c.as_json(h)
                 j["default_changed"] = _default_changed(c, m)
                 j["pinned"] = c.rel in pinned
@@ -380,11 +384,12 @@ class Removal:
                 done.append(Action(self.st.shown(rel), action, detail))
             faults.checkpoint("removed", self.st.hierarchy)
             if done and self.st.merged:
-                engine.rebuild(self.locked, self.locked.root, self.st.record)
+                done += _cleared(engine.rebuild(self.locked, self.locked.root,
+                                                self.st.record))
         finally:
             restored = self._settle()
         if restored and self.st.merged:
-            engine.rebuild(self.locked, self.locked.root, self.st.record)
+            done += _cleared(engine.rebuild(self.locked, self.locked.root, self.st.record))
         gone = {a.path for a in self.kept}
         return [a for a in done if a.path not in gone] + self.kept
 
@@ -410,6 +415,12 @@ class Removal:
             shutil.rmtree(os.path.dirname(self.trashed[0][1]), ignore_errors=True)
         self.trashed = []
         return restored
+
+
+def _cleared(paths: list[str]) -> list[Action]:
+    """Opaque markers of the kernel that a rebuild cleared (hygiene.py), as actions."""
+    return [Action(p, "cleared-opaque", "made while merged; a lower layer provides it now")
+            for p in paths]
 
 
 def _drop_stale_trash(parent: str) -> None:

@@ -33,7 +33,8 @@ def lower_snapshot(layers: list[LayerRef], old: dict[str, Any]) -> dict[str, lis
 
 
 def wanted(plan: HierarchyPlan) -> bool:
-    """Kept where it is cheap and useful: a persistent upper over a defaults layer, or /etc."""
+    """Kept where it is cheap and useful: a persistent upper over a defaults layer, or /etc
+    (engine._wants_manifest says the same without importing this module)."""
     return plan.upper_kind in ("persistent", "host") and (
         any(layer.role == "defaults" for layer in plan.lowers) or plan.hierarchy == "/etc")
 

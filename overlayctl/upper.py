@@ -272,10 +272,14 @@ def merged_lower(layers: list[LayerRef], rel: str = "",
 
 
 def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None,
-             ignore_xattrs: frozenset[str] = frozenset()) -> list[Change]:
+             ignore_xattrs: frozenset[str] = frozenset(),
+             lower_only: bool = False) -> list[Change]:
     """Every entry of the raw upper that is a change against the layers below. Walks the
     upper and the lower layers side by side, so each directory is listed once. Xattrs named
-    in IGNORE_XATTRS do not count as a difference."""
+    in IGNORE_XATTRS do not count as a difference. LOWER_ONLY (the upper is the real
+    hierarchy, with no defaults below it): only what touches the lower layers, i.e. upper
+    entries over a lower one, whiteouts and opaque directories hiding lower content; the
+    upper's own files are the system, not changes, and are not walked."""
     changes: list[Change] = []
     roots = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
 
@@ -293,9 +297,11 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None,
             rel = os.path.join(rel_dir, n)
             if not wanted(rel):
                 continue
-            p = os.path.join(upper, rel)
-            st = os.lstat(p)
             low = below.get(n)
+            p = os.path.join(upper, rel)
+            if lower_only and low is None and not _lower_relevant(p):
+                continue
+            st = os.lstat(p)
             in_scope = not rels or any(rel == r or rel.startswith(r.rstrip("/") + "/")
                                        for r in rels)
             if is_whiteout(p, st):
@@ -323,7 +329,21 @@ def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None,
                 walk(rel, None if opaque or low is None else subdirs.get(n))
 
     walk("", roots)
+    if lower_only:
+        changes = [c for c in changes if c.change != "added"]
     return sorted(changes, key=lambda c: c.rel)
+
+
+def _lower_relevant(p: str) -> bool:
+    """An upper entry with nothing below it that still concerns the layers below: a
+    whiteout (an orphan one) or a renamed directory (its content comes from below)."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return False
+    if is_whiteout(p, st):
+        return True
+    return stat.S_ISDIR(st.st_mode) and redirect_of(p) is not None
 
 
 def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
