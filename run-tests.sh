@@ -15,5 +15,6 @@ if [ $# -eq 0 ]; then
     OVERLAYCTL_NO_DETACHED_LAYERS=1 in_ns .venv/bin/python -m pytest -q -p no:cacheprovider \
         tests/integration/test_smoke.py tests/integration/test_modes.py \
         tests/integration/test_modes_confext.py tests/integration/test_raw.py \
-        tests/integration/test_refresh.py tests/integration/test_defaults.py
+        tests/integration/test_refresh.py tests/integration/test_defaults.py \
+        tests/integration/test_verity_policy.py
 fi

@@ -317,4 +317,7 @@ def report(res: dict[str, Any]) -> str:
                          f"{d['cumtime_ms']} |")
             L.append("")
     L.append(f"Total bench run time: {res.get('duration_s', 0):.0f} s.")
+    if res.get("hygiene"):
+        import hygiene
+        L.extend(hygiene.report_lines(res["hygiene"], fmt_ms))
     return "\n".join(L) + "\n"

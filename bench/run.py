@@ -40,7 +40,7 @@ import report
 from measure import CLASSES, KERNEL_MAX_EXT, MODES, OUT, REPO, log
 
 NS_MARK = "OVERLAYCTL_BENCH_IN_NS"
-PARTS = ("merge", "memory", "limit", "local", "startup", "swap", "profile")
+PARTS = ("merge", "memory", "limit", "local", "startup", "swap", "hygiene", "profile")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -147,6 +147,9 @@ def main() -> None:
             res["local"] = measure.bench_local(args, tools, r, tmp)
         if "swap" in args.only:
             res["swap"] = measure.bench_swap(args, tools, r, tmp)
+        if "hygiene" in args.only:
+            import hygiene
+            res["hygiene"] = hygiene.bench_hygiene(args, tools, r, tmp)
         if "limit" in args.only and tools.up:
             res["upstream_limit"] = []
             for cls in args.classes:

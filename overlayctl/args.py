@@ -32,6 +32,13 @@ OPTIONS: dict[str, tuple[str, Any, tuple[str, ...] | None]] = {
     "dry-run": ("flag", False, None),
     "defaults": ("list", None, None),
     "content": ("flag", False, None),
+    # commit (only):
+    "format": ("value", None, None),        # commit.py checks it
+    "output": ("value", None, None),
+    "any": ("flag", False, None),
+    "verity": ("flag", False, None),
+    "sign-key": ("value", None, None),
+    "certificate": ("value", None, None),
 }
 SHORT = {"h": "help"}
 
@@ -56,9 +63,16 @@ class Args:
     dry_run: bool
     defaults: list[str]
     content: bool
+    format: str | None
+    output: str | None
+    any: bool
+    verity: bool
+    sign_key: str | None
+    certificate: str | None
     # Derived by cli.py:
     mutable_mode: Any
     defaults_map: dict[str, str]
+    classes: list[str]
 
     def __init__(self) -> None:
         self.words = []
@@ -66,10 +80,12 @@ class Args:
             setattr(self, name.replace("-", "_"), [] if kind == "list" else default)
         self.mutable_mode = None
         self.defaults_map = {}
+        self.classes = []
 
 
 def _usage(msg: str) -> Exception:
-    return die(msg, "see overlayctl --help")
+    from overlayctl.personality import current
+    return die(msg, f"see {current().name} --help")
 
 
 def _long(name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from overlayctl import faults, log, metadata, mountinfo, nested
 from overlayctl import kernel as k
@@ -39,16 +40,26 @@ def _graft_binds(b: Built, attached: bool) -> None:
     b.pending_binds = left
 
 
-def _swap_beneath(fd: int, target: str, hierarchy: str) -> bool:
-    """Put the new overlay under the old one and detach the old: no moment without one."""
+def _swap_beneath(fd: int, target: str, hierarchy: str, built_at: float) -> bool:
+    """Put the new overlay under the old one and detach the old: no moment without one.
+    Between the two calls both overlays are attached on TARGET, sharing the upper (only the
+    old one is reached by path until it is detached); the debug line says for how long,
+    and since when the new overlay exists (docs/guarantees.md, "The refresh window"). The
+    caller holds a clone of the old overlay (for the rollback) until after the last swap,
+    so the detach does not tear the old overlay down (which syncs the upper's file system,
+    milliseconds on a disk) inside the window."""
     try:
         k.move_mount(fd, target, beneath=True)
     except OSError as e:
         if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             return False
         raise
+    t0 = time.perf_counter()
     faults.checkpoint("beneath", hierarchy)
     k.umount(target)
+    t1 = time.perf_counter()
+    log.debug(f"Swapped {target}: both overlays attached for {(t1 - t0) * 1e6:.0f} us; the new "
+              f"one existed detached for {(t0 - built_at) * 1e3:.1f} ms before.")
     return True
 
 
@@ -101,8 +112,10 @@ def build_all(locked: Locked, settings: Settings, plans: list[HierarchyPlan], or
     return Staged(settings, built, carried, covered, replace)
 
 
-def _attach_one(st: Staged, b: Built) -> str | None:
-    """Attach one overlay (beneath the old one on a refresh); returns the old work dir."""
+def _attach_one(st: Staged, b: Built, stack: ExitStack) -> tuple[str | None, int | None]:
+    """Attach one overlay (beneath the old one on a refresh). Returns the old work dir, and
+    a clone of the old overlay (owned by STACK) that the rollback puts back if a later
+    attach fails: the old mount itself is detached by the swap."""
     cls = st.settings.cls
     t = b.plan.target
     h = b.plan.hierarchy
@@ -111,9 +124,11 @@ def _attach_one(st: Staged, b: Built) -> str | None:
         b.created.append(t)
     faults.checkpoint("attach", h)
     old_work = None
+    backup = None
     if st.replace and is_ours(t, cls):
         old_work = metadata.read_merged(t, cls).work_dir
-        if stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h):
+        backup = k.owned(stack, k.open_tree(t, recursive=True))
+        if stacked_ours(t) > 1 or not _swap_beneath(b.fd, t, h, b.built_at):
             # The upstream order, with a gap: after an interrupted refresh left overlays
             # stacked, or without MOVE_MOUNT_BENEATH (Linux < 6.5).
             if stacked_ours(t) <= 1:
@@ -125,37 +140,41 @@ def _attach_one(st: Staged, b: Built) -> str | None:
     else:
         k.move_mount(b.fd, t)
     faults.checkpoint("attached", h)
-    return old_work
+    return old_work, backup
 
 
 def attach_all(locked: Locked, staged: list[Staged]) -> None:
     """Attach every staged overlay, in order. If one fails, every overlay this call
-    attached is taken down again and what it created removed (a hierarchy that was swapped
-    on a refresh is then left unmerged: its old overlay is already detached). After the
-    last attach: covered originals of nested mounts are detached, old work dirs removed."""
-    attached: list[tuple[Staged, Built, str | None]] = []
-    try:
-        for st in staged:
-            for b in st.built:
-                old_work = _attach_one(st, b)
-                attached.append((st, b, old_work))
-                _graft_binds(b, attached=True)
-                for c in st.carried.get(b.plan.target, []):
-                    nested.graft(c, onto=b.plan.target)
-    except BaseException:
-        for _, b, _ in reversed(attached):
-            try:
-                k.umount(b.plan.target)
-            except OSError:
-                pass
-        for st in staged:
-            for b in st.built:
-                undo_created(b.created)
-        raise
+    attached is taken down again, a hierarchy swapped on a refresh gets its old overlay
+    back (a clone of it, taken just before the swap), and what the call created is removed.
+    After the last attach: covered originals of nested mounts are detached, old work dirs
+    removed."""
+    attached: list[tuple[Staged, Built, str | None, int | None]] = []
+    with ExitStack() as backups:
+        try:
+            for st in staged:
+                for b in st.built:
+                    old_work, backup = _attach_one(st, b, backups)
+                    attached.append((st, b, old_work, backup))
+                    _graft_binds(b, attached=True)
+                    for c in st.carried.get(b.plan.target, []):
+                        nested.graft(c, onto=b.plan.target)
+        except BaseException:
+            for _, b, _, backup in reversed(attached):
+                try:
+                    k.umount(b.plan.target)
+                    if backup is not None:
+                        k.move_mount(backup, b.plan.target)
+                except OSError as e:
+                    log.error(f"could not restore {b.plan.target}: {e.strerror}")
+            for st in staged:
+                for b in st.built:
+                    undo_created(b.created)
+            raise
     # Past the point of return: nothing below fails the merge.
     for st in staged:
         st.covered.detach()
-    for st, b, old_work in attached:
+    for st, b, old_work, _ in attached:
         for w in b.stale:
             import shutil
             shutil.rmtree(w, ignore_errors=True)

@@ -27,7 +27,7 @@ class Built:
     given."""
 
     __slots__ = ("plan", "spec", "fd", "meta_dir", "pending_binds", "created", "record",
-                 "stale")
+                 "stale", "built_at")
 
     def __init__(self, plan: HierarchyPlan, spec: OverlaySpec, meta_dir: str,
                  record: MergeRecord, created: list[str], stale: list[str]) -> None:
@@ -39,6 +39,7 @@ class Built:
         self.created = created                          # persistent dirs this run made
         self.record = record
         self.stale = stale                              # old ephemeral work dirs to drop
+        self.built_at = 0.0                             # perf_counter() when the overlay was made
 
 
 def _makedirs(path: str, mode: int, created: list[str]) -> None:
@@ -52,6 +53,13 @@ def _makedirs(path: str, mode: int, created: list[str]) -> None:
         os.chmod(d, 0o755)   # not narrowed by the umask, as upstream v260
         created.append(d)
     os.chmod(path, mode)
+
+
+def _policy_text(settings: Settings) -> str | None:
+    if settings.image_policy is None:
+        return None
+    from overlayctl.policy import policy_to_string
+    return policy_to_string(settings.image_policy)
 
 
 def undo_created(created: list[str]) -> None:
@@ -116,7 +124,8 @@ def _ephemeral_dirs(plan: HierarchyPlan, carry: int | None, stale: list[str],
 
 
 def _backing(plan: HierarchyPlan) -> str | None:
-    base = next((layer.path for layer in plan.lowers if layer.role == "base"), None)
+    base = next((layer.path for layer in plan.lowers if layer.role == "base"
+                 or (plan.self_import and layer.role == "import")), None)
     if base is None:
         return None
     dev = os.stat(base).st_dev
@@ -148,12 +157,13 @@ def record_of(settings: Settings, plan: HierarchyPlan, view: PlainView | None) -
         workdir="/" + work_rel if work_rel else None,
         layers=tuple(RecordedLayer(layer.role, layer.name,
                                    inside(root, layer.image) if layer.image else
-                                   shown(layer.path) if layer.path else None)
+                                   shown(layer.path) if layer.path else None,
+                                   layer.protection)
                      for layer in plan.lowers),
         noexec=settings.noexec, force=settings.force, mount_options=settings.overlay_options,
         defaults=next((shown(layer.path) for layer in plan.lowers
                        if layer.role == "defaults" and layer.path), None),
-        since=time.time_ns() // 1000)
+        since=time.time_ns() // 1000, image_policy=_policy_text(settings))
 
 
 def prepare(settings: Settings, plan: HierarchyPlan, ws: str, origin: Origin,
@@ -231,7 +241,9 @@ def create_overlays(built: list[Built], cls: ExtClass, stack: ExitStack) -> None
                 k.owned(stack, fd)
             for b, fd in zip(built, fds, strict=True):
                 b.fd = fd
+        now = time.perf_counter()
         for b in built:
+            b.built_at = now
             metadata.write_dev(b.meta_dir, os.fstat(b.fd).st_dev)
     except OSError as e:
         failed = next((b for b in built if b.fd < 0), built[-1])

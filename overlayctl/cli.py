@@ -9,12 +9,14 @@ import sys
 from overlayctl import __version__, log
 from overlayctl.args import Args, parse
 from overlayctl.errors import OverlayctlError, die, hint_for
+from overlayctl.personality import become, current, personality
 from overlayctl.settings import (
     CLASSES,
     MUTABLE_MODES,
     Settings,
     load_settings,
     parse_defaults_arg,
+    parse_image_policy,
     parse_mutable,
 )
 
@@ -22,57 +24,7 @@ TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs 
 if TYPE_CHECKING:
     from typing import Any
 
-VERBS = ("status", "list", "merge", "unmerge", "refresh", "help")
-LOCAL_VERBS = ("diff", "which", "reset", "pin", "unpin", "cleanup")
-HELP = """\
-usage: overlayctl [OPTIONS...] [sysext|confext] [VERB]
-
-Merge system extensions (/usr, /opt) and configuration extensions (/etc) with overlayfs,
-compatible with systemd-sysext and systemd-confext.
-
-Verbs:
-  status            Show the merge state of every hierarchy (default)
-  list              List the extension images that were found
-  merge             Merge extensions into the hierarchies
-  unmerge           Unmerge extensions from the hierarchies
-  refresh           Unmerge and merge again, in one swap
-  help              Show this help
-
-Local changes against the layers below the upper (merged or not; see docs/defaults.md):
-  diff [PATH...]    Entries of the upper: added, modified, identical, deleted, opaque,
-                    type-changed, with the layer they shadow and default_changed
-  which PATH        Which layer provides PATH
-  reset PATH...     Drop the local copy or whiteout: back to what the layers below provide
-  pin PATH...       Copy a default up and keep it, even when identical (unpin: undo)
-  cleanup [HIERARCHY...]
-                    Drop identical copies, whiteouts of KeepDefaults paths, stale opaque
-                    markers
-
-Without sysext or confext, status, list, merge, unmerge and refresh act on both classes.
-
-Options:
-  -h --help             Show this help
-     --version          Show the version
-     --root=PATH        Operate on the tree below PATH instead of /
-     --json=pretty|short|off
-                        Print JSON
-     --no-pager         Do not pipe output into a pager (accepted; overlayctl has none)
-     --no-legend        Do not show headers and footers
-     --mutable=MODE     no, auto, yes, import, ephemeral, ephemeral-import (or help)
-     --force            Merge extensions even when their release files do not match
-     --noexec=BOOL      Force noexec on or off on the merged hierarchies
-     --no-reload        Do not reload the service manager
-     --always-refresh=BOOL
-                        Refresh even when nothing changed
-     --image-policy=POLICY
-                        Which raw images may be merged (systemd.image-policy(7))
-     --dry-run          With merge or refresh: print the plan, mount nothing;
-                        with reset or cleanup: say what would be done
-     --defaults=[HIERARCHY=]DIR
-                        A tree of OS defaults (inside the root) as the lowest layer;
-                        without HIERARCHY= it is for /etc
-     --content          With diff: print a unified diff of each modified file
-"""
+COMMIT_OPTIONS = ("format", "output", "any", "verity", "sign_key", "certificate")
 
 
 def _since(us: int | None) -> str:
@@ -107,6 +59,11 @@ def cmd_status(classes: list[str], args: Args) -> int:
         log.notice("Note: this kernel cannot mount beneath (Linux < 6.5): refresh has a brief "
                    "gap.")
     for r in rows:
+        if r.get("ephemeral") and r["merged"]:
+            n = r.get("ephemeral_entries")
+            what = f" ({n} entr{'y' if n == 1 else 'ies'} now)" if n is not None else ""
+            log.notice(f"Note: {r['hierarchy']} is ephemeral: its writes{what} are dropped "
+                       "when it is unmerged.")
         for d in r.get("detached", []):
             procs = ", ".join(f"{p['pid']} ({p['name']})" for p in d["processes"])
             log.notice(f"Note: a detached overlay of {r['hierarchy']} is still in use: {procs}")
@@ -159,8 +116,14 @@ def _print_plan(p: dict[str, Any]) -> None:
         print(f"  work   {p['workdir']}")
     for layer in p["layers"]:
         label = layer["role"] + (f" {layer['name']}" if layer["name"] else "")
+        if layer["role"] == "import" and p.get("self_import"):
+            label += ": the hierarchy itself"
         print(f"  lower  {layer['path'] or '<private tmpfs>'}  [{label}]")
     print(f"  options {','.join(p['options']) or '-'}  flags {','.join(p['mount_flags'])}")
+    for path in p.get("clear_opaque", []):
+        print(f"  clear opaque marker  {path}")
+    for path in p.get("drop_whiteouts", []):
+        print(f"  drop whiteout  {path}")
 
 
 def cmd_unmerge(classes: list[str], args: Args) -> int:
@@ -194,32 +157,49 @@ def _root(value: str) -> str:
     return root
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], argv0: str | None = None) -> int:
+    """One invocation; ARGV0 (default sys.argv[0]) picks the personality."""
+    me = personality(sys.argv[0] if argv0 is None else argv0)
+    become(me)
     args = parse(argv)
     if args.help:
-        sys.stdout.write(HELP)
+        sys.stdout.write(me.help)
         return 0
     if args.version:
-        print(f"overlayctl {__version__}")
+        print(me.version.format(version=__version__))
         return 0
     words = list(args.words)
-    classes = list(CLASSES) if not words or words[0] not in CLASSES else [words.pop(0)]
+    picked = me.class_word and words and words[0] in CLASSES
+    classes: list[str] = [words.pop(0)] if picked else list(me.classes)
     verb = words.pop(0) if words else "status"
+    if "SYSTEMD_EXEC_PID" in os.environ:
+        # Started by the service manager: the kernel command line may switch a class off.
+        from overlayctl import kcmdline
+        classes = [c for c in classes if not kcmdline.disabled(c)]
+        if not classes:
+            return 0
     args.defaults_map = parse_defaults_arg(args.defaults, classes)
-    if verb in LOCAL_VERBS:
+    if args.image_policy is not None:
+        # As upstream: a policy that does not parse fails every verb, before anything is
+        # looked at.
+        parse_image_policy(args.image_policy)
+    if verb != "commit" and any(getattr(args, o) for o in COMMIT_OPTIONS):
+        raise die("--format, --output, --any, --verity, --sign-key and --certificate go "
+                  "with commit only", "e.g. overlayctl confext commit site --verity")
+    if verb in me.local_verbs:
         import gc
         gc.enable()     # the launcher turns it off for the merge path (tools/launcher.sh)
         args.root = _root(args.root)
+        args.classes = classes
         from overlayctl import localcli
         return localcli.run(verb, words, args)
-    if verb not in VERBS:
-        raise die(f"unknown verb '{verb}'",
-                  f"use one of: {', '.join(VERBS + LOCAL_VERBS)}")
+    if verb not in me.verbs:
+        raise die(f"unknown verb '{verb}'", f"use one of: {', '.join(me.verbs)}")
     if verb == "help":
-        sys.stdout.write(HELP)
+        sys.stdout.write(me.help)
         return 0
     if words:
-        raise die(f"'{verb}' takes no arguments: {' '.join(words)}", "see overlayctl --help")
+        raise die(f"'{verb}' takes no arguments: {' '.join(words)}", f"see {me.name} --help")
     args.mutable_mode = None
     if args.mutable is not None:
         if args.mutable == "help":
@@ -270,6 +250,7 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    become(personality(sys.argv[0]))
     if "LISTEN_FDS" in os.environ or "SYSTEMD_VARLINK_LISTEN" in os.environ:
         # Socket-activated (systemd, varlinkctl exec:): maybe the io.systemd.sysext service.
         import gc
@@ -301,6 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("OVERLAYCTL_DEBUG") == "1":
             raise
-        print(f"overlayctl: internal error: {e!r} (this is a bug; OVERLAYCTL_DEBUG=1 shows "
-              "where)", file=sys.stderr)
+        print(f"{current().name}: internal error: {e!r} (this is a bug; OVERLAYCTL_DEBUG=1 "
+              "shows where)", file=sys.stderr)
         return 1

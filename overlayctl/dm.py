@@ -19,7 +19,8 @@ import fcntl
 import os
 import stat
 import struct
-from dataclasses import dataclass
+
+from overlayctl.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -105,8 +106,9 @@ def pack_ioctl(*, name: str = "", uuid: str = "", flags: int = 0, dev: int = 0,
     return buf
 
 
-@dataclass(frozen=True)
-class DmInfo:
+class DmInfo(Record):
+    __slots__ = ("version", "data_size", "data_start", "target_count", "open_count", "flags",
+                 "event_nr", "dev", "name", "uuid")
     version: tuple[int, int, int]
     data_size: int
     data_start: int
@@ -117,6 +119,11 @@ class DmInfo:
     dev: int
     name: str
     uuid: str
+
+    def __init__(self, version: tuple[int, int, int], data_size: int, data_start: int,
+                 target_count: int, open_count: int, flags: int, event_nr: int, dev: int,
+                 name: str, uuid: str) -> None:
+        self._fill(locals())
 
 
 def unpack_ioctl(buf: bytes | bytearray) -> DmInfo:
@@ -338,10 +345,13 @@ def read_key(key: int, size: int = 65536) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # A device owned by a context manager
 
-@dataclass
-class DmDevice:
+class DmDevice(Record):
+    __slots__ = ("name", "dev")
     name: str
     dev: int
+
+    def __init__(self, name: str, dev: int) -> None:
+        self._fill(locals())
 
     def open(self) -> int:
         """An O_RDONLY fd on the device: /dev/dm-N where devtmpfs has it, else through a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from overlayctl.personality import current
+
 
 class OverlayctlError(Exception):
     """A failure with a one-line message and an optional hint on how to fix it."""
@@ -26,7 +28,7 @@ class AlreadyMerged(OverlayctlError):
 
     def __init__(self, target: str, hierarchy: str, class_name: str) -> None:
         super().__init__(f"hierarchy '{target}' is already merged",
-                         f"use 'overlayctl {class_name} refresh' or unmerge first")
+                         f"use '{current().command(class_name)} refresh' or unmerge first")
         self.hierarchy = hierarchy
 
 

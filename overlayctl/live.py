@@ -8,7 +8,7 @@ import os
 from overlayctl import faults, log, metadata, mountinfo, nested, state
 from overlayctl import kernel as k
 from overlayctl.mountns import Locked, in_child
-from overlayctl.paths import chase
+from overlayctl.paths import chase, inside
 from overlayctl.resources import ExitStack
 from overlayctl.settings import ExtClass, Settings
 
@@ -104,6 +104,39 @@ def carried_ephemeral(target: str, cls: ExtClass, stack: ExitStack) -> int | Non
     return fd
 
 
+def ephemeral_entries(target: str, cls: ExtClass) -> int | None:
+    """How many entries (files, directories, whiteouts) the ephemeral upper of the overlay
+    merged on TARGET holds; None if it has none."""
+    upper = os.path.join(target, cls.meta_dir, EPHEMERAL_DIR, "upper")
+    if not os.path.isdir(upper):
+        return None
+    n = 0
+    for _, dirs, files in os.walk(upper):
+        n += len(dirs) + len(files)
+    return n
+
+
+def say_ephemeral_dropped(root: str, h: str, target: str, cls: ExtClass, since: int | None,
+                          why: str) -> None:
+    """Tell that the writes of an ephemeral HIERARCHY go now (WHY), and what that means for a
+    package manager whose database is not on it."""
+    n = ephemeral_entries(target, cls)
+    if n is None:
+        return
+    log.notice(f"Dropping the writes of the ephemeral {h} ({n} entr{'y' if n == 1 else 'ies'} "
+               f"in its upper): {why}.")
+    status = os.path.join(root, "var/lib/dpkg/status")
+    try:
+        changed = since is not None and os.stat(status).st_mtime_ns // 1000 > since
+    except OSError:
+        changed = False
+    if changed and n:
+        log.warning(f"dpkg's database ({inside(root, status)}) changed while {h} was "
+                    "ephemeral: packages installed meanwhile stay listed but lose their files "
+                    f"in {h} (dpkg --verify lists them); "
+                    "reinstall them, or merge with --mutable=yes to keep such writes.")
+
+
 def remove_workdir(root: str, rel: str | None) -> None:
     """Remove a work dir named in metadata (relative to the root); only one whose name has
     the .systemd-*-workdir form, as a safety net."""
@@ -152,10 +185,13 @@ def put_back(target: str, carried: list[nested.Carried]) -> None:
 def unmerge_one(locked: Locked, s: Settings, h: str, target: str) -> None:
     """Take the overlay off one merged hierarchy, carry its nested mounts back, remove its
     work dir, and tell who still uses the old tree."""
-    from overlayctl import busy
+    from overlayctl import busy, hygiene
     root = s.root
     users = busy.users_below(target)
     old_dev = os.stat(target).st_dev
+    rec = metadata.read_merged(target, s.cls).record
+    if rec is not None and rec.upper == "ephemeral":
+        say_ephemeral_dropped(root, h, target, s.cls, rec.since, "it is being unmerged")
     with ExitStack() as stack:
         faults.checkpoint("unmerge-before-detach", h)
         carried, workdirs = take_off(target, s.cls, stack)
@@ -168,6 +204,7 @@ def unmerge_one(locked: Locked, s: Settings, h: str, target: str) -> None:
         for w in workdirs:
             remove_workdir(root, w)
         put_back(target, carried)
+    hygiene.after_unmerge(root, s.cls.name, h, target, rec.since if rec else None)
     faults.checkpoint("unmerge-done", h)
     log.info(f"Unmerged '{target}'.")
 
@@ -177,7 +214,14 @@ def unmerge(locked: Locked, s: Settings) -> list[str]:
     done = []
     for h in s.hierarchies:
         target = chase(s.root, h, must_exist=True)
-        if target is None or not os.path.isdir(target) or not is_ours(target, s.cls):
+        if target is None or not os.path.isdir(target):
+            log.debug(f"Hierarchy '{target or h}' is not merged, skipping.")
+            continue
+        if not is_ours(target, s.cls):
+            log.debug(f"Hierarchy '{target}' is not merged, skipping.")
+            # Finish what an unmerge or a merge that was killed left (whiteouts).
+            from overlayctl import hygiene
+            hygiene.after_unmerge(s.root, s.cls.name, h, target, None)
             continue
         unmerge_one(locked, s, h, target)
         done.append(target)

@@ -226,7 +226,11 @@ def iter_diff(root: str, paths: list[str], progress: Progress | None = None, *,
             assert st.upper is not None
             m = state.load_manifest(root, st.cls.name, st.hierarchy) if rows else None
             pinned = set(m.pinned) if m is not None else set()
-            for c in iter_changes(st.upper, st.layers, [r for r in rels if r] or None):
+            # The real hierarchy as its own upper, nothing below it but extensions: its own
+            # files are the system, not local changes; only what touches the extensions is.
+            lower_only = st.record.upper == "host" and not st.record.defaults
+            for c in iter_changes(st.upper, st.layers, [r for r in rels if r] or None,
+                                  lower_only=lower_only):
                 if progress is not None:
                     progress.tick()
                 if m is None:
@@ -401,11 +405,12 @@ class Removal:
                 done.append(Action(self.st.shown(rel), action, detail))
             faults.checkpoint("removed", self.st.hierarchy)
             if done and self.st.merged:
-                engine.rebuild(self.locked, self.locked.root, self.st.record)
+                done += _cleared(engine.rebuild(self.locked, self.locked.root,
+                                                self.st.record))
         finally:
             restored = self._settle()
         if restored and self.st.merged:
-            engine.rebuild(self.locked, self.locked.root, self.st.record)
+            done += _cleared(engine.rebuild(self.locked, self.locked.root, self.st.record))
         gone = {a.path for a in self.kept}
         return [a for a in done if a.path not in gone] + self.kept
 
@@ -431,6 +436,12 @@ class Removal:
             shutil.rmtree(os.path.dirname(self.trashed[0][1]), ignore_errors=True)
         self.trashed = []
         return restored
+
+
+def _cleared(paths: list[str]) -> list[Action]:
+    """Opaque markers of the kernel that a rebuild cleared (hygiene.py), as actions."""
+    return [Action(p, "cleared-opaque", "made while merged; a lower layer provides it now")
+            for p in paths]
 
 
 def _drop_stale_trash(parent: str) -> None:
@@ -563,9 +574,21 @@ def _copy_up_live(target: str, rel: str, low: Entry) -> None:
     os.chown(p, low.st.st_uid, low.st.st_gid, follow_symlinks=False)
 
 
+NO_DUP_UPDATE = ".no-dup-update"
+
+
+def _no_dedupe(st: Stack) -> bool:
+    """Does the hierarchy show a .no-dup-update at its top (Flatcar's /etc/.no-dup-update)?"""
+    assert st.upper is not None
+    found = st.lookup(NO_DUP_UPDATE)
+    if found.st is not None and found.path is not None:
+        return not is_whiteout(found.path, found.st)
+    return found.blocker is None and st.lower(NO_DUP_UPDATE) is not None
+
+
 def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool,
             progress: Progress | None = None) -> list[Action]:
-    from overlayctl.settings import load_settings
+    from overlayctl.settings import load_cleanup
     root = locked.root
     actions: list[Action] = []
     known = {x for _, x in all_hierarchies()}
@@ -580,40 +603,52 @@ def cleanup(locked: Locked, hierarchies: list[str], dry_run: bool,
                 continue
             upper = st.upper
             m = state.load_manifest(root, cls.name, h)
-            keep = set(load_settings(root, cls.name, dry_run=True).keep_defaults)
+            conf = load_cleanup(root, cls.name)
+            keep = conf.keep_paths(root)
+            ignore = conf.ignore_xattrs
+            # .no-dup-update: copies that equal their default are kept (no dedupe), so that
+            # a later default does not take their place; whiteouts are still handled.
+            dedupe = not _no_dedupe(st)
+            if not dedupe:
+                log.info(f"{st.shown(NO_DUP_UPDATE)} exists: identical copies, empty "
+                         "directories and opaque markers are kept.")
             removal = Removal(locked, st, m)
             removed: set[str] = set()
-            for c in iter_changes(upper, st.layers):
+            for c in iter_changes(upper, st.layers, ignore_xattrs=ignore):
                 if progress is not None:
                     progress.tick()
                 shown = st.shown(c.rel)
                 up = os.path.join(upper, c.rel)
                 if (c.change == "identical" and c.rel not in m.pinned and c.lower is not None
-                        and c.lower.layer.role in ("defaults", "base")):
+                        and c.lower.layer.role in ("defaults", "base") and dedupe):
                     # Copies equal to an extension's file stay: that extension may go away.
                     if not stat.S_ISDIR(os.lstat(up).st_mode):
-                        removal.add(c.rel, "removed", "identical to the layer below")
+                        removal.add(c.rel, "removed", "identical to the layer below"
+                                    + (" (ignoring " + ", ".join(sorted(ignore)) + ")"
+                                       if ignore and not same_entry(up, os.lstat(up),
+                                                                    c.lower.path, c.lower.st)
+                                       else ""))
                         removed.add(c.rel)
                 elif c.change == "deleted" and shown in keep and c.lower is not None:
-                    removal.add(c.rel, "removed", "whiteout of a path in KeepDefaults")
+                    removal.add(c.rel, "removed", f"whiteout of a path in {keep[shown]}")
                     removed.add(c.rel)
                 elif c.change == "orphan-whiteout":
                     removal.add(c.rel, "removed", "orphan whiteout: nothing below to hide")
                     removed.add(c.rel)
-                elif c.change == "opaque" and m.copies.get(c.rel) == "" and not any(
+                elif c.change == "opaque" and dedupe and m.copies.get(c.rel) == "" and not any(
                         is_whiteout(os.path.join(up, n), os.lstat(os.path.join(up, n)))
                         for n in os.listdir(up)):
                     removal.add(c.rel, "cleared-opaque",
                                 "opaque only because it was new; the default now exists")
             # Directories left holding nothing, equal to the one below: pure containers.
             for rel, p, ust in sorted(walk_upper(upper), key=lambda t: -t[0].count("/")):
-                if not stat.S_ISDIR(ust.st_mode) or is_opaque(p):
+                if not dedupe or not stat.S_ISDIR(ust.st_mode) or is_opaque(p):
                     continue
                 left = [n for n in os.listdir(p) if os.path.join(rel, n) not in removed]
                 if left:
                     continue
                 low = st.lower(rel)
-                if low is None or not same_entry(p, ust, low.path, low.st):
+                if low is None or not same_entry(p, ust, low.path, low.st, ignore):
                     continue
                 removal.add(rel, "removed", "empty directory equal to the layer below")
                 removed.add(rel)

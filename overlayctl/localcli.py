@@ -1,4 +1,4 @@
-"""CLI side of the local-change verbs: diff, which, reset, pin, unpin, cleanup."""
+"""CLI side of the local-change verbs: diff, which, reset, pin, unpin, cleanup, commit."""
 
 from __future__ import annotations
 
@@ -58,9 +58,64 @@ def run(verb: str, words: list[str], args: Args) -> int:
         return 0
     from overlayctl.engine import require_root
     from overlayctl.mountns import lock
+    if verb == "commit":
+        return _commit(words, args)
     require_root("change layers")
     with lock(root) as locked:
         return _change(locked, verb, words, args)
+
+
+def _commit(words: list[str], args: Args) -> int:
+    from overlayctl import commit
+    from overlayctl.engine import require_root
+    from overlayctl.mountns import lock
+    if len(args.classes) != 1:
+        raise die("commit needs the class: what to turn the upper layers into",
+                  "overlayctl confext commit NAME, or overlayctl sysext commit NAME")
+    if len(words) != 1:
+        raise die("commit takes exactly one NAME", "e.g. overlayctl confext commit site")
+    require_root("read the upper layers (their overlay xattrs) and commit them")
+    opts = commit.Options(words[0], fmt=args.format or "squashfs", output=args.output,
+                          any_id=args.any, dry_run=args.dry_run, verity=args.verity,
+                          sign_key=args.sign_key, certificate=args.certificate)
+    with lock(args.root) as locked:
+        r = commit.commit(locked, args.classes[0], opts)
+    below = ", ".join(repr(n) for n in r["order"]["below"])
+    above = ", ".join(repr(n) for n in r["order"]["above"])
+    if below or above:
+        where = " and ".join(x for x in (below and f"above {below}", above and f"below {above}")
+                             if x)
+        log.info(f"'{r['name']}' is ordered {where} among the {r['class']}s (by name).")
+    else:
+        log.info(f"'{r['name']}' is the only {r['class']}.")
+    by: dict[str, list[str]] = {}
+    for h in r["hidden"]:
+        by.setdefault(h["by"], []).append(h["path"])
+    for name, paths in by.items():
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        log.warning(f"{r['class']} '{name}' is ordered above '{r['name']}' and hides "
+                    f"{', '.join(paths[:3])}{more} of it.")
+    if args.json != "off":
+        emit_json(r, args.json)
+        return 0
+    into = f"{r['name']} ({r['class']}, {r['format']}, {r['output']})"
+    if args.dry_run:
+        if r["entries"]:
+            table(["type", "path", "change"],
+                  [[e["type"] + (" (opaque)" if e["opaque"] else ""),
+                    e["path"] + (f" (from {e['from']})" if "from" in e else ""),
+                    e["change"] or "-"] for e in r["entries"]],
+                  legend=not args.no_legend)
+        for sk in r["skipped"]:
+            log.info(f"{sk['path']}: not captured ({sk['reason']}).")
+        print(f"Would commit {len(r['entries'])} entries into {into}.")
+        return 0
+    print(f"Committed {len(r['entries'])} entries into {into}.")
+    if r["verity"]:
+        from overlayctl.paths import inside
+        for f in r["verity"]["files"]:
+            print(f"  {inside(args.root, f)}")
+    return 0
 
 
 def _change(locked: Locked, verb: str, words: list[str], args: Args) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from overlayctl.personality import current
+
 EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
 LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
 
@@ -44,9 +46,9 @@ def log(level: int, msg: str) -> None:
     if level > max_level:
         return
     if level <= ERR:
-        msg = f"overlayctl: {msg}"
+        msg = f"{current().name}: {msg}"
     elif level == WARNING:
-        msg = f"overlayctl: warning: {msg}"
+        msg = f"{current().name}: warning: {msg}"
     try:
         sys.stderr.write(msg + "\n")
         sys.stderr.flush()

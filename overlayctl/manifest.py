@@ -32,6 +32,13 @@ def lower_snapshot(layers: list[LayerRef], old: dict[str, Any]) -> dict[str, lis
     return snap
 
 
+def wanted(plan: HierarchyPlan) -> bool:
+    """Kept where it is cheap and useful: a persistent upper over a defaults layer, or /etc
+    (engine._wants_manifest says the same without importing this module)."""
+    return plan.upper_kind in ("persistent", "host") and (
+        any(layer.role == "defaults" for layer in plan.lowers) or plan.hierarchy == "/etc")
+
+
 def updated(root: str, cls_name: str, plan: HierarchyPlan) -> Manifest | None:
     """The manifest as it is to be after merging PLAN (None: not kept for it)."""
     if not plan.keeps_manifest or not plan.upperdir or not os.path.isdir(plan.upperdir):

@@ -15,6 +15,22 @@ def chase(root: str, path: str, *, must_exist: bool = False) -> str | None:
     Symlinks are followed with ROOT as the boundary. A path whose last existing component
     is followed by missing ones resolves to the joined path (it may be created there);
     with must_exist, a missing path (or a dangling symlink) gives None."""
+    found, _ = _chase(root, path, must_exist)
+    return found
+
+
+def chase_strict(root: str, path: str) -> str:
+    """chase(must_exist=True), with the reason as OSError when PATH cannot be resolved:
+    ENOENT (missing, or a dangling symlink), ELOOP (too many symlinks), ENOTDIR (a
+    component that is no directory)."""
+    found, err = _chase(root, path, True)
+    if found is None:
+        raise OSError(err, os.strerror(err), os.path.join(root, path.lstrip("/")))
+    return found
+
+
+def _chase(root: str, path: str, must_exist: bool) -> tuple[str | None, int]:
+    import errno
     root = os.path.abspath(root)
     todo = [c for c in path.split("/") if c and c != "."]
     todo.reverse()
@@ -31,15 +47,15 @@ def chase(root: str, path: str, *, must_exist: bool = False) -> str | None:
             st = os.lstat(nxt)
         except FileNotFoundError:
             if must_exist:
-                return None
+                return None, errno.ENOENT
             rest = [comp, *reversed(todo)]
-            return os.path.join(done, *rest)
+            return os.path.join(done, *rest), 0
         except NotADirectoryError:
-            return None
+            return None, errno.ENOTDIR
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > MAX_LINKS:
-                return None
+                return None, errno.ELOOP
             target = os.readlink(nxt)
             parts = [c for c in target.split("/") if c and c != "."]
             todo.extend(reversed(parts))
@@ -47,7 +63,7 @@ def chase(root: str, path: str, *, must_exist: bool = False) -> str | None:
                 done = root
             continue
         done = nxt
-    return done
+    return done, 0
 
 
 def inside(root: str, path: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
+from overlayctl import log
 from overlayctl.errors import die
 from overlayctl.images import Image
 from overlayctl.paths import chase, inside, is_empty_dir, single_component
@@ -28,14 +29,16 @@ MUTABLE_ROOT = "/var/lib/extensions.mutable"
 class Layer(Record):
     """One lower layer of an overlay."""
 
-    __slots__ = ("role", "path", "name", "image")
+    __slots__ = ("role", "path", "name", "image", "protection")
     role: LayerRole
     path: str | None           # host path; None for layers in the private workspace
     name: str | None           # the extension name, for role "extension"
     image: str | None          # raw images: the image file the layer comes from
+    protection: dict[str, str | None] | None   # raw images: verity.Protection.to_json()
 
     def __init__(self, role: LayerRole, path: str | None, name: str | None = None,
-                 image: str | None = None) -> None:
+                 image: str | None = None,
+                 protection: dict[str, str | None] | None = None) -> None:
         self._fill(locals())
 
     def describe(self) -> str:
@@ -53,7 +56,7 @@ class HierarchyPlan(Record):
 
     __slots__ = ("hierarchy", "target", "mode", "merge", "skip_reason", "upper_kind",
                  "upperdir", "workdir", "create_upper", "mutable_dir", "lowers", "fs_options",
-                 "vfs_options", "extensions", "top_mode", "base_used")
+                 "vfs_options", "extensions", "top_mode", "base_used", "self_import")
     hierarchy: str                     # as configured, e.g. /usr
     target: str                        # host path the overlay is mounted on
     mode: MutableMode                  # mutable mode in force
@@ -70,6 +73,7 @@ class HierarchyPlan(Record):
     extensions: tuple[str, ...]        # every accepted name, ascending
     top_mode: int
     base_used: bool
+    self_import: bool                  # import modes: the mutable dir is the hierarchy itself
 
     def __init__(self, *, hierarchy: str, target: str, mode: MutableMode, merge: bool,
                  skip_reason: str | None = None, upper_kind: UpperKind | None = None,
@@ -77,7 +81,8 @@ class HierarchyPlan(Record):
                  create_upper: bool = False, mutable_dir: str | None = None,
                  lowers: tuple[Layer, ...] = (), fs_options: tuple[str, ...] = (),
                  vfs_options: tuple[str, ...] = (), extensions: tuple[str, ...] = (),
-                 top_mode: int = 0o755, base_used: bool = False) -> None:
+                 top_mode: int = 0o755, base_used: bool = False,
+                 self_import: bool = False) -> None:
         self._fill(locals())
 
     @property
@@ -109,6 +114,7 @@ class HierarchyPlan(Record):
             "readonly": self.readonly,
             "extensions": list(self.extensions),
             "mode_bits": f"{self.top_mode:04o}",
+            "self_import": self.self_import,
         }
 
 
@@ -217,13 +223,18 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             continue   # a raw image that was not mounted
         lp = img.tree_path(hierarchy)
         if lp is None:
+            log.debug(f"Hierarchy '{hierarchy}' in extension '{img.name}' doesn't exist, not "
+                      "merging.")
             continue
         if not os.path.isdir(lp):
             raise die(f"extension '{img.name}': {inside(img.path, lp)} in {img.path} is not a "
                       "directory", f"make {hierarchy} a directory in the extension or remove it")
         if is_empty_dir(lp):
+            log.debug(f"Hierarchy '{hierarchy}' in extension '{img.name}' is empty, not "
+                      "merging.")
             continue
-        ext_layers.append(Layer("extension", lp, img.name, img.source))
+        ext_layers.append(Layer("extension", lp, img.name, img.source,
+                                img.protection.to_json() if img.protection else None))
 
     defaults: str | None = None
     if hierarchy in settings.defaults:
@@ -239,6 +250,8 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             defaults = None
 
     if not ext_layers and mode == "no" and defaults is None:
+        log.debug(f"No extension has content for '{hierarchy}' and mutability is disabled: "
+                  "not merging it.")
         return HierarchyPlan(hierarchy=hierarchy, target=target, mode=mode, merge=False,
                              skip_reason="no extension has content for it", extensions=names,
                              top_mode=top_mode)
@@ -248,6 +261,13 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     mpath_unresolved = f"{MUTABLE_ROOT}/{name}"
     mdir = (chase(root, mpath_unresolved, must_exist=True)
             if mode in ("yes", "auto", "import", "ephemeral-import") else None)
+    if mode in ("no", "ephemeral"):
+        how = "disabled" if mode == "no" else "ephemeral"
+        log.debug(f"Mutability for hierarchy '{hierarchy}' is {how}, not resolving mutable "
+                  "directory.")
+    elif mdir is None:
+        log.debug(f"No mutable directory found for '{hierarchy}' "
+                  f"({root.rstrip('/')}{mpath_unresolved}).")
     if mdir is not None and not os.path.isdir(mdir):
         raise die(f"mutable directory {mdir} is not a directory",
                   f"remove it or make {root.rstrip('/')}{mpath_unresolved} a directory")
@@ -257,6 +277,7 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
     workdir: str | None = None
     mutable_dir: str | None = None
     create_upper = False
+    self_import = False
 
     def is_hierarchy(d: str) -> bool:
         return os.path.normpath(d) == os.path.normpath(target) or _same(d, view)
@@ -279,11 +300,12 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
             mutable_dir = upperdir
     elif mode in ("import", "ephemeral-import"):
         if mdir is not None:
-            if is_hierarchy(mdir):
-                raise die(f"not importing mutable directory {mdir} for {hierarchy}: it points to "
-                          "the hierarchy itself",
-                          f"use --mutable=yes or auto to make {hierarchy} its own upper layer")
-            import_dir = mdir
+            # Upstream refuses a mutable dir that is the hierarchy itself. overlayctl makes the
+            # real directory the top lower layer instead (read through the plain view when it
+            # is merged now): it wins over the extensions and the defaults, and, as the import
+            # layer, it is not also the base.
+            self_import = is_hierarchy(mdir)
+            import_dir = view if self_import else mdir
             mutable_dir = mdir
     if mode in ("ephemeral", "ephemeral-import"):
         upper_kind = "ephemeral"
@@ -315,9 +337,17 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
 
     lowers: list[Layer] = [Layer("meta", None)]
     if import_dir:
+        log.debug(f"Importing mutable directory {import_dir} as a lower layer of "
+                  f"'{hierarchy}'.")
         lowers.append(Layer("import", import_dir))
     lowers.extend(ext_layers)
-    base_used = base_nonempty and upper_kind != "host"
+    base_used = base_nonempty and upper_kind != "host" and not self_import
+    if upper_kind == "host":
+        log.debug(f"Host hierarchy '{target}' will serve as upperdir.")
+    elif not base_exists:
+        log.debug(f"Host hierarchy '{target}' does not exist, will not be used as lowerdir.")
+    elif not base_nonempty:
+        log.debug(f"Host hierarchy '{target}' is empty, will not be used as lower dir.")
     if base_used:
         lowers.append(Layer("base", view))
     if defaults is not None:
@@ -343,7 +373,8 @@ def plan_hierarchy(settings: Settings, hierarchy: str, accepted: list[Image],
         hierarchy=hierarchy, target=target, mode=mode, merge=True, upper_kind=upper_kind,
         upperdir=upperdir, workdir=workdir, create_upper=create_upper,
         mutable_dir=mutable_dir, lowers=tuple(lowers), fs_options=tuple(fs),
-        vfs_options=tuple(vfs), extensions=names, top_mode=top_mode, base_used=base_used)
+        vfs_options=tuple(vfs), extensions=names, top_mode=top_mode, base_used=base_used,
+        self_import=self_import)
 
 
 def make_plan(settings: Settings, accepted: list[Image], base_view: BaseView | None = None,

@@ -1,5 +1,5 @@
 """Image policies as systemd 262 has them (systemd.image-policy(7)): parsing, rendering and
-evaluation. Pure: no I/O, no imports beyond the error type.
+evaluation. Pure: no I/O, no imports beyond the error type and Record.
 
 A policy maps each partition designator of the Discoverable Partitions Specification to a
 set of flags: how the partition may be protected (verity, signed, encrypted, ...), whether it
@@ -15,9 +15,8 @@ raises a ``PolicyRefused`` naming the image, the designator and the policy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from overlayctl.errors import OverlayctlError
+from overlayctl.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -89,13 +88,16 @@ class _Inval(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class ImagePolicy:
+class ImagePolicy(Record):
     """``default`` applies to designators without a rule; ``rules`` are (designator, flags)
     in designator order, flags as written (not normalized)."""
 
+    __slots__ = ("default", "rules")
     default: int
-    rules: tuple[tuple[str, int], ...] = ()
+    rules: tuple[tuple[str, int], ...]
+
+    def __init__(self, default: int, rules: tuple[tuple[str, int], ...] = ()) -> None:
+        self._fill(locals())
 
     def rule(self, designator: str) -> int | None:
         for d, f in self.rules:
@@ -332,14 +334,16 @@ CLASS_POLICIES = {"sysext": SYSEXT_POLICY, "confext": CONFEXT_POLICY}
 def pick_policy(class_name: str, image_path: str, explicit: ImagePolicy | None = None, *,
                 in_initrd: bool = False) -> ImagePolicy:
     """sysext.c's pick_image_policy(): an explicit policy wins; in the initrd, images that
-    systemd-stub placed in /.extra/ (from an untrusted ESP) get the strict policies, anything
-    else there nothing; otherwise the class default. IMAGE_PATH is relative to the root."""
+    systemd-stub placed in /.extra/sysext/, /.extra/global_sysext/ (and the confext ones)
+    from an untrusted ESP get the strict policies, anything else in /.extra/ nothing (as
+    systemd 262 does, observed in a chroot); otherwise the class default. IMAGE_PATH is
+    relative to the root."""
     if explicit is not None:
         return explicit
     if in_initrd:
-        if image_path.startswith("/.extra/sysext/"):
+        if image_path.startswith(("/.extra/sysext/", "/.extra/global_sysext/")):
             return SYSEXT_STRICT_POLICY
-        if image_path.startswith("/.extra/confext/"):
+        if image_path.startswith(("/.extra/confext/", "/.extra/global_confext/")):
             return CONFEXT_STRICT_POLICY
         if image_path.startswith("/.extra/"):
             return DENY_POLICY
@@ -416,15 +420,19 @@ def check_fstype(policy: ImagePolicy, designator: str, fstype: str, image: str) 
                        f"{flags_to_string(f)}")
 
 
-@dataclass(frozen=True)
-class Partition:
+class Partition(Record):
     """What an image has for one designator: the GPT flags (False without a partition
     table) and the file system found on it (None before probing)."""
 
-    read_only: bool = False
-    growfs: bool = False
-    fstype: str | None = None
-    encrypted: bool = False
+    __slots__ = ("read_only", "growfs", "fstype", "encrypted")
+    read_only: bool
+    growfs: bool
+    fstype: str | None
+    encrypted: bool
+
+    def __init__(self, read_only: bool = False, growfs: bool = False, fstype: str | None = None,
+                 encrypted: bool = False) -> None:
+        self._fill(locals())
 
 
 def check_single_filesystem(policy: ImagePolicy, image: str, protection: str,

@@ -1,39 +1,44 @@
-"""Raw extension images: a squashfs, erofs or ext4 file system in a file, or a GPT disk image
-with a root or /usr partition (Discoverable Partitions Specification). The image is attached
-read-only to a loop device (LOOP_CONFIGURE, auto-clear, the partition selected by offset and
-size, so no partition devices or udev are needed) and mounted as a detached mount: nothing
-appears anywhere, and both the mount and the loop device go away with the last user."""
+"""Raw extension images: a squashfs, erofs or ext4 file system in a file (with dm-verity
+sidecars or without), or a GPT disk image (DDI) with a root or /usr partition and maybe its
+verity and signature partitions (Discoverable Partitions Specification). Two steps, so that
+no device exists before every image of the call has passed its checks:
+
+* ``inspect()`` reads the image file and its sidecars, nothing else: the file system or the
+  partitions, the verity data (verity.py), the image policy (policy.py), the root hash
+  against the top of the hash tree, and, where the kernel has no device-mapper, the
+  signature in userspace so that the error can say whether it was valid. It returns an
+  ``ImagePlan`` or raises one line naming the image.
+* ``mount_image()`` attaches it read-only to a loop device (LOOP_CONFIGURE, auto-clear, the
+  partition selected by offset and size, so no partition devices or udev are needed), puts
+  a dm-verity device on top where the plan says so (devices.py: the kernel checks the
+  signature first, then userspace against verity.d), and mounts it as a detached mount:
+  nothing appears anywhere, and the mount, the dm device (deferred removal) and the loop
+  devices go away with the last user."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
-import uuid
 
-from overlayctl import devices
+from overlayctl import devices, log
 from overlayctl import kernel as k
 from overlayctl.errors import die
 from overlayctl.record import Record
 from overlayctl.resources import ExitStack
 
-# Partition type UUIDs (root and /usr) of the Discoverable Partitions Specification.
-DPS_TYPES: dict[str, tuple[str, str]] = {
-    "4f68bce3-e8cd-4db1-96e7-fbcaf984b709": ("root", "x86-64"),
-    "8484680c-9521-48c6-9c11-b0720656f69e": ("usr", "x86-64"),
-    "44479540-f297-41b2-9af7-d131d5f0458a": ("root", "x86"),
-    "75250d76-8cc6-458e-bd66-bd47cc81a812": ("usr", "x86"),
-    "b921b045-1df0-41c3-af44-4c6f280d3fae": ("root", "arm64"),
-    "b0e01050-ee5f-4390-949a-9101b17104e9": ("usr", "arm64"),
-    "69dad710-2ce4-4e3c-b16c-21a1d49abed3": ("root", "arm"),
-    "7d0359a3-02b3-4f0a-865c-654403e70625": ("usr", "arm"),
-    "72ec70a6-cf74-40e6-bd49-4bda08e8f224": ("root", "riscv64"),
-    "beaec34b-8442-439b-a40b-984381ed097d": ("usr", "riscv64"),
-    "c12a7328-f81f-11d2-ba4b-00a0c93ec93b": ("esp", ""),
-}
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from overlayctl.policy import ImagePolicy
+    from overlayctl.verity import Protection, SignatureCheck, VerityParams
+
+LUKS_MAGIC = b"LUKS\xba\xbe"
 
 
 def _detect_fs(f: int, offset: int) -> str | None:
     head = os.pread(f, 2048, offset)
+    if head[:6] == LUKS_MAGIC:
+        return "crypto_LUKS"
     if head[:4] == b"hsqs":
         return "squashfs"
     if len(head) >= 1028 and struct.unpack_from("<I", head, 1024)[0] == 0xE0F5E1E2:
@@ -80,89 +85,326 @@ class Region(Record):
         self._fill(locals())
 
 
-def _gpt_region(f: int, path: str, size: int) -> Region | None:
-    """The partition to use of a GPT image: /usr wins over root, as for system extensions."""
-    for sector in (512, 4096):
-        hdr = os.pread(f, 92, sector)
-        if hdr[:8] != b"EFI PART":
-            continue
-        entries_lba, count, esize = struct.unpack_from("<QII", hdr, 72)
-        if esize < 128 or count > 1024:
-            raise die(f"{path}: the partition table is damaged", "rebuild the image")
-        table = os.pread(f, count * esize, entries_lba * sector)
-        found: dict[str, Region] = {}
-        for i in range(count):
-            e = table[i * esize:(i + 1) * esize]
-            if len(e) < 128:
-                break
-            tid = str(uuid.UUID(bytes_le=bytes(e[:16])))
-            kind = DPS_TYPES.get(tid)
-            if kind is None or kind[0] == "esp":
-                continue
-            first, last = struct.unpack_from("<QQ", e, 32)
-            off, length = first * sector, (last - first + 1) * sector
-            if off + length > size:
-                raise die(f"{path}: partition {i + 1} lies beyond the end of the image "
-                          "(truncated?)", "copy the image again")
-            fs = _detect_fs(f, off)
-            if fs is None:
-                continue
-            found.setdefault(kind[0], Region(fs, off, length, f"partition {i + 1} ({kind[0]})",
-                                             usr_only=kind[0] == "usr"))
-        return found.get("usr") or found.get("root")
-    return None
+class VerityPlan(Record):
+    """The dm-verity device to set up: the root hash, the signature to hand the kernel
+    (None: unsigned, or $SYSTEMD_DISSECT_VERITY_SIGNATURE=0), the superblock, and the hash
+    device (a .verity file, size 0: all of it; or the verity partition of a DDI)."""
+
+    __slots__ = ("root_hash", "signature", "signed", "params", "hash_path", "hash_offset",
+                 "hash_size", "sidecar")
+    root_hash: bytes
+    signature: bytes | None
+    signed: bool               # the image carries a signature (checked or not)
+    params: VerityParams
+    hash_path: str
+    hash_offset: int
+    hash_size: int
+    sidecar: bool              # the verity data are sidecar files (not partitions)
+
+    def __init__(self, root_hash: bytes, signature: bytes | None, signed: bool,
+                 params: VerityParams, hash_path: str, hash_offset: int, hash_size: int,
+                 sidecar: bool) -> None:
+        self._fill(locals())
 
 
-def dissect(path: str) -> Region:
-    """What in the image file to mount, or a clear error."""
+class ImagePlan(Record):
+    """What inspect() decided for one image: the file system to mount, how it is protected
+    and under which policy, and the verity device to put in between (None: unprotected)."""
+
+    __slots__ = ("path", "region", "protection", "verity")
+    path: str
+    region: Region
+    protection: Protection
+    verity: VerityPlan | None
+
+    def __init__(self, path: str, region: Region, protection: Protection,
+                 verity: VerityPlan | None) -> None:
+        self._fill(locals())
+
+
+def _open(path: str) -> tuple[int, int]:
     try:
         f = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise die(f"cannot open image {path}: {e.strerror}", "check the file") from None
+    size = os.fstat(f).st_size
+    if size < 1024:
+        os.close(f)
+        raise die(f"{path} is too small to be an image ({size} bytes)",
+                  "use a squashfs, erofs or GPT disk image")
+    return f, size
+
+
+def dissect(path: str) -> Region:
+    """What in the image file to mount, or a clear error (any policy; no verity)."""
+    from overlayctl.policy import ALLOW_POLICY
+    return inspect(path, ALLOW_POLICY, activate=False).region
+
+
+def inspect(path: str, pol: ImagePolicy, *, cls_name: str = "sysext", cert_root: str = "/",
+            activate: bool = True) -> ImagePlan:
+    """Everything about the image PATH that can be known without a device: what to mount,
+    its verity data, and whether the image policy POL allows it (else PolicyRefused naming
+    the image, the partition and the policy). With ACTIVATE, a verity image also needs a
+    kernel with device-mapper (else an error saying so, after a userspace check of its
+    signature against CERT_ROOT's verity.d, so that the message tells a valid signature
+    from an invalid one). CLS_NAME decides which partition wins where both root and /usr
+    are usable: /usr for system extensions, root (its /etc) for configuration extensions."""
+    from overlayctl import policy as P
+    from overlayctl import verity as V
+    shown = P.policy_to_string(pol)
+    f, size = _open(path)
     try:
-        size = os.fstat(f).st_size
-        if size < 1024:
-            raise die(f"{path} is too small to be an image ({size} bytes)",
-                      "use a squashfs, erofs or GPT disk image")
         fs = _detect_fs(f, 0)
-        if fs:
-            whole = Region(fs, 0, 0, "file system")
-            _check_size(f, path, whole, size)
-            return whole
-        region = _gpt_region(f, path, size)
-        if region is not None:
-            _check_size(f, path, region, region.size)
-        if region is None:
-            has_gpt = any(os.pread(f, 8, s) == b"EFI PART" for s in (512, 4096))
-            if has_gpt:
+        if fs == "crypto_LUKS":
+            raise die(f"{path} is an encrypted (LUKS) image, which overlayctl cannot open",
+                      "use a squashfs or erofs image, with dm-verity for integrity")
+        vplan: VerityPlan | None = None
+        if fs is not None:
+            side = V.load_sidecars(path)
+            kind = side.protection()
+            try:
+                P.check_single_filesystem(pol, path, kind, fs)
+            except P.PolicyRefused as e:
+                if kind != "unprotected" and P.allows(pol, "root", "unprotected"):
+                    # As systemd: the policy cannot make it drop sidecar verity data.
+                    e.hint = ("the image has verity sidecars; set "
+                              "SYSTEMD_DISSECT_VERITY_SIDECAR=0 to mount it without verity")
+                raise
+            region = Region(fs, 0, 0, "file system")
+            _check_size(f, path, region, size)
+            designator = "root"
+            if kind != "unprotected":
+                assert side.root_hash is not None and side.data_path is not None
+                vplan = _verity_plan(path, side.root_hash, side.root_hash_sig, side.data_path,
+                                     0, 0, region, size, sidecar=True)
+        else:
+            parts = V.read_gpt(path)
+            if parts is None:
+                raise die(f"{path} is neither a squashfs, erofs or ext4 image nor a GPT disk "
+                          "image", "build it with mksquashfs, mkfs.erofs or systemd-repart")
+            side = V.load_sidecars(path)
+            ddi = V.ddi_verity(path, parts, side)
+            found: dict[str, P.Partition] = {}
+            for d, p in ddi.partitions.items():
+                fst = _detect_fs(f, p.offset) if d in ("root", "usr") else None
+                found[d] = P.Partition(read_only=p.read_only, growfs=p.growfs,
+                                       fstype=None if fst == "crypto_LUKS" else fst,
+                                       encrypted=fst == "crypto_LUKS")
+            used = P.check_partitions(pol, path, found)
+            order = ("usr", "root") if cls_name == "sysext" else ("root", "usr")
+            designator = next((d for d in order if d in used and found[d].fstype), "")
+            if not designator:
+                enc = next((d for d in order if d in used and found[d].encrypted), None)
+                if enc:
+                    raise die(f"{path}: partition '{enc}' is encrypted (LUKS), which overlayctl "
+                              "cannot open", "use dm-verity for integrity instead")
+                if any(d in found and d not in used for d in order):
+                    raise P.PolicyRefused(
+                        f"{path}: the image policy '{shown}' leaves no root or /usr partition "
+                        "to use", "pass --image-policy= that allows the root or usr partition")
                 raise die(f"{path}: the partition table has no root or /usr partition with a "
                           "file system overlayctl can mount",
                           "use the partition types of the Discoverable Partitions Specification")
-            raise die(f"{path} is neither a squashfs, erofs or ext4 image nor a GPT disk image",
-                      "build it with mksquashfs, mkfs.erofs or systemd-repart")
-        return region
+            d = designator
+            dp = ddi.partitions[d]
+            fst = found[d].fstype
+            assert fst is not None
+            region = Region(fst, dp.offset, dp.size, f"partition {dp.number} ({d})",
+                            usr_only=d == "usr")
+            _check_size(f, path, region, region.size)
+            kind = "unprotected"
+            if f"{d}-verity" in found and f"{d}-verity" not in used:
+                log.info(f"Using partition '{d}' of {path} without its verity data: the image "
+                         f"policy '{shown}' ignores the verity partition.")
+            if f"{d}-verity" in used:
+                kind = "signed" if f"{d}-verity-sig" in used else "verity"
+                vs = ddi.verity
+                if kind == "verity" and vs.sig_source is not None and \
+                        vs.sig_source == vs.root_hash_source:
+                    # The policy ignores the signature partition: its root hash is not used
+                    # either (as systemd, which does not load it then).
+                    vs = V.ddi_verity(path, parts, side, environ={
+                        **os.environ, "SYSTEMD_DISSECT_VERITY_EMBEDDED": "0"}).verity
+                if vs.root_hash is None or vs.designator != d:
+                    raise die(f"{path}: partition '{d}' has a verity partition, but there is no "
+                              "root hash for it",
+                              f"put it in {V._aux_path(path, '.' + d + 'hash')} or a signature "
+                              "partition, or leave SYSTEMD_DISSECT_VERITY_GUESS unset")
+                hp = ddi.partitions[f"{d}-verity"]
+                vplan = _verity_plan(path, vs.root_hash,
+                                     vs.root_hash_sig if kind == "signed" else None, path,
+                                     hp.offset, hp.size, region, size, sidecar=False)
     finally:
         os.close(f)
+    prot = V.Protection(kind, designator, vplan.root_hash.hex() if vplan else None,
+                        None, shown)
+    plan = ImagePlan(path, region, prot, vplan)
+    log.debug(f"{path}: {kind} ({designator} partition"
+              + (f", root hash {prot.root_hash}" if prot.root_hash else "")
+              + f"), allowed by the image policy '{shown}'.")
+    if activate and vplan is not None:
+        _require_device_mapper(plan, cert_root)
+    return plan
 
 
-def mount_image(path: str, stack: ExitStack) -> tuple[int, bool]:
-    """Attach and mount the image read-only; returns a detached mount fd (owned by STACK),
-    and whether its root is the image's /usr (a /usr partition). The loop device clears
-    itself once the mount (and every overlay using it) is gone."""
-    region = dissect(path)
-    with ExitStack() as own:
+def _verity_plan(path: str, root_hash: bytes, signature: bytes | None, hash_path: str,
+                 hash_offset: int, hash_size: int, region: Region, size: int, *,
+                 sidecar: bool) -> VerityPlan:
+    """The superblock of the hash device, checked against the data and the root hash."""
+    from overlayctl import verity as V
+    params = V.read_superblock(hash_path, base=hash_offset)
+    avail = region.size or size - region.offset
+    if params.data_size > avail:
+        raise die(f"{path}: the verity hash tree covers {params.data_size} bytes, the "
+                  f"{region.what} has {avail} (truncated?)", "copy the image again")
+    have = hash_size or os.path.getsize(hash_path)
+    if V.hash_device_size(params) > have:
+        raise die(f"{hash_path}: the verity hash tree is truncated "
+                  f"({have} of {V.hash_device_size(params)} bytes)", "copy it again")
+    V.check_root_hash(params, root_hash, hash_path, path, hash_base=hash_offset,
+                      data_base=region.offset)
+    return VerityPlan(root_hash, signature if V.signature_checks_enabled() else None,
+                      signature is not None, params, hash_path, hash_offset, hash_size, sidecar)
+
+
+def _userspace_check(path: str, v: VerityPlan, cert_root: str) -> SignatureCheck:
+    from overlayctl import verity as V
+    assert v.signature is not None
+    try:
+        return V.verify_signature(v.root_hash, v.signature, root=cert_root)
+    except ImportError as e:
+        return V.SignatureCheck(False, f"checking it needs python3-cryptography and "
+                                f"python3-asn1crypto ({e.name} is missing)")
+
+
+def _no_dm_hint(v: VerityPlan, designator: str) -> str:
+    load = "load the dm_mod and dm_verity kernel modules (modprobe dm_verity)"
+    if v.sidecar:
+        return (f"{load}, or set SYSTEMD_DISSECT_VERITY_SIDECAR=0 to mount it without verity, "
+                "as systemd does (no image policy can waive sidecar verity data)")
+    return (f"{load}, or pass --image-policy={designator}=unprotected to use the partition "
+            "without its verity data")
+
+
+def _require_device_mapper(plan: ImagePlan, cert_root: str) -> None:
+    """Verity is never dropped silently: without device-mapper, a verity image fails."""
+    from overlayctl import dm
+    if dm.dm_available():
+        return
+    v = plan.verity
+    assert v is not None
+    d = plan.protection.designator
+    what = f"{plan.path} (partition '{d}', root hash {v.root_hash.hex()[:16]}...)"
+    no_dm = "this kernel has no device-mapper to set up dm-verity"
+    if v.signature is not None:
+        chk = _userspace_check(plan.path, v, cert_root)
+        if not chk.ok:
+            raise die(f"{what}: its verity signature is refused: {chk.reason}; and {no_dm}",
+                      f"sign the root hash with a key whose certificate is in "
+                      f"{os.path.join(cert_root, 'etc/verity.d')}, and "
+                      + _no_dm_hint(v, d))
+        raise die(f"{what}: its verity signature is valid ({chk.reason}), but {no_dm}",
+                  _no_dm_hint(v, d))
+    if v.signed:
+        raise die(f"{what}: a signed dm-verity image (signature not checked: "
+                  f"$SYSTEMD_DISSECT_VERITY_SIGNATURE=0), but {no_dm}", _no_dm_hint(v, d))
+    raise die(f"{what} is a dm-verity image, but {no_dm}", _no_dm_hint(v, d))
+
+
+def _activate(plan: ImagePlan, own: ExitStack, cert_root: str) -> tuple[int, str | None]:
+    """The dm-verity device of PLAN (shared, reused when one with the same root hash is
+    there); returns an fd of it (owned by OWN) and how the signature was checked. The
+    kernel checks a signature first; if it refuses (the certificate is in none of its
+    keyrings, or it lacks signature support), userspace checks it against verity.d and the
+    device is set up without handing the kernel the signature; if neither accepts it, the
+    image is refused."""
+    from overlayctl import verity as V
+    v = plan.verity
+    assert v is not None
+    name = V.device_name(v.root_hash)
+    unchecked = "unchecked" if v.signed and v.signature is None else None
+    for _ in range(3):
+        shared = devices.shared_verity_device(name, v.root_hash, own)
+        if shared is not None:
+            fd, kernel_signed = shared
+            if v.signature is None:
+                return fd, unchecked
+            if kernel_signed:
+                return fd, "kernel"
+            chk = _userspace_check(plan.path, v, cert_root)
+            if not chk.ok:
+                raise die(f"{plan.path}: its verity signature is refused: {chk.reason} (the "
+                          f"shared device {name} was set up without the kernel checking one)",
+                          "sign the root hash with a key whose certificate is in "
+                          f"{os.path.join(cert_root, 'etc/verity.d')}")
+            return fd, "userspace"
+        data = (plan.path, plan.region.offset, plan.region.size)
+        hashdev = (v.hash_path, v.hash_offset, v.hash_size)
         try:
-            dev = devices.loop_device(path, region.offset, region.size, own)
+            how = unchecked
+            if v.signature is not None:
+                try:
+                    return devices.verity_device(name, data, hashdev, v.params, v.root_hash,
+                                                 signature=v.signature, stack=own), "kernel"
+                except OSError as e:
+                    if e.errno in (errno.EBUSY, errno.EEXIST):
+                        raise
+                    log.debug(f"{plan.path}: the kernel refused the verity signature "
+                              f"({e.strerror}); checking it in userspace.")
+                    chk = _userspace_check(plan.path, v, cert_root)
+                    if not chk.ok:
+                        raise die(f"{plan.path}: its verity signature is refused by the kernel "
+                                  f"({e.strerror}) and in userspace: {chk.reason}",
+                                  "sign the root hash with a key whose certificate is in "
+                                  f"{os.path.join(cert_root, 'etc/verity.d')} or in the "
+                                  "kernel's keyrings") from None
+                    how = "userspace"
+            return devices.verity_device(name, data, hashdev, v.params, v.root_hash,
+                                         signature=None, stack=own), how
         except OSError as e:
-            raise die(f"cannot attach {path} to a loop device: {e.strerror}",
-                      "load the loop module (modprobe loop) and run as root") from None
+            if e.errno in (errno.EBUSY, errno.EEXIST):
+                continue        # set up by someone else meanwhile: share it
+            raise die(f"cannot set up dm-verity for {plan.path}: {e.strerror}",
+                      "load dm_verity (modprobe dm_verity) and see dmesg") from None
+    raise die(f"cannot set up dm-verity for {plan.path}: the device {name} is busy",
+              f"check 'dmsetup info {name}'")
+
+
+def mount_image(plan: ImagePlan, stack: ExitStack, *, cert_root: str = "/"
+                ) -> tuple[int, bool, Protection]:
+    """Attach and mount the image of PLAN read-only (through dm-verity where the plan says
+    so); returns a detached mount fd (owned by STACK), whether its root is the image's /usr
+    (a /usr partition), and its protection with how the signature was checked. The loop
+    devices clear themselves and the dm device goes (deferred removal) once the mount, and
+    every overlay using it, is gone."""
+    path, region = plan.path, plan.region
+    prot = plan.protection
+    with ExitStack() as own:
+        if plan.verity is None:
+            try:
+                source = devices.loop_device(path, region.offset, region.size, own)
+            except OSError as e:
+                raise die(f"cannot attach {path} to a loop device: {e.strerror}",
+                          "load the loop module (modprobe loop) and run as root") from None
+        else:
+            try:
+                dmfd, how = _activate(plan, own, cert_root)
+            except OSError as e:
+                raise die(f"cannot set up dm-verity for {path}: {e.strerror}",
+                          "load the loop and dm_verity modules and run as root") from None
+            source = f"/proc/self/fd/{dmfd}"
+            prot = prot.replace(signature=how)
+            log.debug(f"{path}: dm-verity device {devices.verity_name(plan.verity.root_hash)}"
+                      + (f", signature checked by the {how}" if how in ("kernel", "userspace")
+                         else "") + ".")
         try:
             fd = k.owned(own, k.fsopen(region.fstype))
         except OSError as e:
             raise die(f"the kernel cannot mount {region.fstype} ({path}): {e.strerror}",
                       f"modprobe {region.fstype}") from None
         try:
-            k.fsconfig_string(fd, "source", dev)
+            k.fsconfig_string(fd, "source", source)
             k.fsconfig_flag(fd, "ro")
             if region.fstype == "ext4":
                 k.fsconfig_flag(fd, "noload")
@@ -171,4 +413,4 @@ def mount_image(path: str, stack: ExitStack) -> tuple[int, bool]:
         except OSError as e:
             raise die(f"{path}: the {region.fstype} {region.what} cannot be mounted: "
                       f"{e.strerror} (truncated or damaged?)", "rebuild the image") from None
-    return k.owned(stack, mfd), region.usr_only
+    return k.owned(stack, mfd), region.usr_only, prot

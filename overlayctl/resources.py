@@ -1,5 +1,5 @@
 """The owner of a call's resources: ExitStack, the part of contextlib.ExitStack that
-overlayctl uses (enter_context, callback, close), unwinding as contextlib's does: last in,
+overlayctl uses (enter_context, callback, pop_all, close), unwinding as contextlib's does: last in,
 first out; every exit runs even when an earlier one fails; an exit that raises replaces the
 exception in flight, which becomes the new one's __context__; a context manager whose
 __exit__ returns true suppresses the exception in flight.
@@ -50,6 +50,13 @@ class ExitStack:
         """Call FN(*ARGS, **KWARGS) when the stack unwinds."""
         self._exits.append((None, fn, args, kwargs))
         return fn
+
+    def pop_all(self) -> ExitStack:
+        """A new stack that owns everything this one did; this one is left empty (so a
+        resource built up under a local stack can be handed to the caller's)."""
+        new = ExitStack()
+        new._exits, self._exits = self._exits, []
+        return new
 
     def close(self) -> None:
         self.__exit__(None, None, None)

@@ -6,6 +6,10 @@
   dir as overlayctl.json);
 * <root>/var/lib/overlayctl/<class>/<name>.manifest  Manifest: digests of the lower entries,
   for default_changed (see docs/defaults.md);
+* <root>/var/lib/overlayctl/<class>/<name>.dirs      DirsRecord: the lower layers' directories
+  at the last merge of a persistent or host upper (names only), which opaque markers are
+  known to be deliberate, and whether the whiteouts of a host upper are dropped yet
+  (hygiene.py, docs/modes.md "Writable /usr on a package-managed distro");
 * <root>/run/overlayctl/<class>.merging, call.<classes>.merging   journals of a merge under
   way (left behind only by a killed process);
 * <root>/run/overlayctl/detached.json                overlays detached while still in use.
@@ -76,12 +80,14 @@ def _read(path: str) -> dict[str, Any] | None:
 
 
 class RecordedLayer(Record):
-    __slots__ = ("role", "name", "path")
+    __slots__ = ("role", "name", "path", "protection")
     role: LayerRole
     name: str | None
     path: str | None          # as seen inside the root (raw images: the image file)
+    protection: dict[str, str | None] | None   # raw images: verity.Protection.to_json()
 
-    def __init__(self, role: LayerRole, name: str | None, path: str | None) -> None:
+    def __init__(self, role: LayerRole, name: str | None, path: str | None,
+                 protection: dict[str, str | None] | None = None) -> None:
         self._fill(locals())
 
 
@@ -89,7 +95,7 @@ class MergeRecord(Record):
     """How a hierarchy was merged, as overlayctl knows it (paths as seen inside the root)."""
 
     __slots__ = ("cls", "hierarchy", "mode", "upper", "upperdir", "workdir", "layers",
-                 "noexec", "force", "mount_options", "defaults", "since")
+                 "noexec", "force", "mount_options", "defaults", "since", "image_policy")
     cls: str
     hierarchy: str
     mode: MutableMode
@@ -102,11 +108,12 @@ class MergeRecord(Record):
     mount_options: str | None
     defaults: str | None
     since: int                # when it was merged, µs since the epoch
+    image_policy: str | None  # --image-policy= or ImagePolicy= as given (None: defaults)
 
     def __init__(self, *, cls: str, hierarchy: str, mode: MutableMode, upper: UpperKind | None,
                  upperdir: str | None, workdir: str | None, layers: tuple[RecordedLayer, ...],
                  noexec: bool | None, force: bool, mount_options: str | None,
-                 defaults: str | None, since: int) -> None:
+                 defaults: str | None, since: int, image_policy: str | None = None) -> None:
         self._fill(locals())
 
     def to_json(self) -> dict[str, Any]:
@@ -115,7 +122,7 @@ class MergeRecord(Record):
                 "layers": [la.fields() for la in self.layers], "overlayctl": True,
                 "noexec": self.noexec, "force": self.force,
                 "mount_options": self.mount_options, "defaults": self.defaults,
-                "since": self.since}
+                "since": self.since, "image_policy": self.image_policy}
 
     @classmethod
     def from_json(cls, j: dict[str, Any]) -> MergeRecord | None:
@@ -128,14 +135,18 @@ class MergeRecord(Record):
             upper = j.get("upper")
             if upper not in (None, "persistent", "host", "ephemeral"):
                 return None
-            layers = tuple(RecordedLayer(la["role"], la.get("name"), la.get("path"))
+            layers = tuple(RecordedLayer(la["role"], la.get("name"), la.get("path"),
+                                         la.get("protection") if isinstance(
+                                             la.get("protection"), dict) else None)
                            for la in j.get("layers", []))
             return MergeRecord(
                 cls=str(j["class"]), hierarchy=str(j["hierarchy"]), mode=mode, upper=upper,
                 upperdir=j.get("upperdir"), workdir=j.get("workdir"), layers=layers,
                 noexec=j.get("noexec"), force=bool(j.get("force")),
                 mount_options=j.get("mount_options"), defaults=j.get("defaults"),
-                since=int(j.get("since") or 0))
+                since=int(j.get("since") or 0),
+                image_policy=j.get("image_policy") if isinstance(j.get("image_policy"),
+                                                                 str) else None)
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -215,6 +226,126 @@ def load_manifest(root: str, cls_name: str, hierarchy: str) -> Manifest:
 
 def save_manifest(root: str, cls_name: str, hierarchy: str, m: Manifest) -> None:
     atomic_write(state_path(root, cls_name, hierarchy, ".manifest"), dump(m.to_json()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The lower layers' directories (opaque and whiteout hygiene, hygiene.py)
+
+
+class DirsRecord(Record):
+    """What hygiene.py needs to know about the last merge of a persistent or host upper.
+    Directory trees are nested dicts of names ({"lib": {"python3": {}}}), relative to the
+    hierarchy; paths in the lists are relative too."""
+
+    __slots__ = ("since", "upper", "dirs", "window", "whiteout_dirs", "deliberate", "pending",
+                 "base", "closed", "drop_whiteouts", "clean")
+    since: int                 # the merge it belongs to (MergeRecord.since)
+    upper: str                 # the upper directory (inside the root), as in the MergeRecord
+    dirs: dict[str, Any]       # the lower layers' directories of that merge (not the base)
+    window: dict[str, Any]     # the same of the overlay it replaced (a refresh), else {}
+    whiteout_dirs: dict[str, Any]  # every lower directory since the last clean unmerge
+    deliberate: tuple[str, ...]    # opaque markers known to be deliberate
+    pending: tuple[str, ...]       # optimisation markers left for the next merge to clear
+    base: bool                 # the plain hierarchy was a lower layer (a persistent upper)
+    closed: bool               # unmerged, and markers on the base's directories classified
+    drop_whiteouts: bool       # a host upper without defaults: whiteouts go at unmerge
+    clean: bool                # unmerged, and its whiteouts dropped
+
+    def __init__(self, *, since: int, upper: str, dirs: dict[str, Any], window: dict[str, Any],
+                 whiteout_dirs: dict[str, Any], deliberate: tuple[str, ...],
+                 pending: tuple[str, ...], base: bool, closed: bool, drop_whiteouts: bool,
+                 clean: bool) -> None:
+        self._fill(locals())
+
+    # A line format, read without the json module (which costs milliseconds at boot):
+    #   overlayctl-dirs 1
+    #   since N / upper PATH / base 0|1 / closed 0|1 / drop_whiteouts 0|1 / clean 0|1
+    #   dirs|window|whiteout_dirs PATH (one line per leaf), deliberate|pending PATH
+    # with "\\" and "\n" escaped in paths.
+    _FLAGS = ("base", "closed", "drop_whiteouts", "clean")
+    _TREES = ("dirs", "window", "whiteout_dirs")
+
+    def to_text(self) -> str:
+        out = ["overlayctl-dirs 1", f"since {self.since}", f"upper {_esc(self.upper)}"]
+        out += [f"{k} {int(getattr(self, k))}" for k in self._FLAGS]
+        for k in self._TREES:
+            out += [f"{k} {_esc(p)}" for p in _tree_paths(getattr(self, k))]
+        for k in ("deliberate", "pending"):
+            out += [f"{k} {_esc(p)}" for p in getattr(self, k)]
+        return "\n".join(out) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str) -> DirsRecord | None:
+        lines = text.split("\n")
+        if not lines or lines[0] != "overlayctl-dirs 1":
+            return None
+        v: dict[str, Any] = {k: {} for k in cls._TREES}
+        v["deliberate"], v["pending"] = [], []
+        try:
+            for line in lines[1:]:
+                if not line:
+                    continue
+                key, _, val = line.partition(" ")
+                if key == "since":
+                    v["since"] = int(val)
+                elif key == "upper":
+                    v["upper"] = _unesc(val)
+                elif key in cls._FLAGS:
+                    v[key] = val == "1"
+                elif key in cls._TREES:
+                    node = v[key]
+                    for comp in _unesc(val).split("/"):
+                        node = node.setdefault(comp, {})
+                elif key in ("deliberate", "pending"):
+                    v[key].append(_unesc(val))
+            return DirsRecord(since=v["since"], upper=v["upper"], dirs=v["dirs"],
+                              window=v["window"], whiteout_dirs=v["whiteout_dirs"],
+                              deliberate=tuple(v["deliberate"]), pending=tuple(v["pending"]),
+                              base=v["base"], closed=v["closed"],
+                              drop_whiteouts=v["drop_whiteouts"], clean=v["clean"])
+        except (KeyError, ValueError):
+            return None
+
+
+def _esc(p: str) -> str:
+    return p.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _unesc(p: str) -> str:
+    if "\\" not in p:
+        return p
+    out, i = [], 0
+    while i < len(p):
+        if p[i] == "\\" and i + 1 < len(p):
+            out.append("\n" if p[i + 1] == "n" else p[i + 1])
+            i += 2
+        else:
+            out.append(p[i])
+            i += 1
+    return "".join(out)
+
+
+def _tree_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """The leaves' paths of TREE (each leaf names its ancestors too), sorted."""
+    out: list[str] = []
+    for name in sorted(tree):
+        rel = f"{prefix}/{name}" if prefix else name
+        sub = tree[name]
+        out += _tree_paths(sub, rel) if sub else [rel]
+    return out
+
+
+def load_dirs(root: str, cls_name: str, hierarchy: str) -> DirsRecord | None:
+    try:
+        with open(state_path(root, cls_name, hierarchy, ".dirs"), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            return DirsRecord.from_text(f.read())
+    except OSError:
+        return None
+
+
+def save_dirs(root: str, cls_name: str, hierarchy: str, rec: DirsRecord) -> None:
+    atomic_write(state_path(root, cls_name, hierarchy, ".dirs"), rec.to_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,14 +118,14 @@ def lower_names(layers: list[LayerRef], rel: str) -> set[str]:
     return set(lower_children(dirs)[0]) if dirs else set()
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
+def _xattrs(path: str, ignore: frozenset[str] = frozenset()) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return out
     for n in names:
-        if n.startswith(OVERLAY_XATTR_PREFIXES):
+        if n.startswith(OVERLAY_XATTR_PREFIXES) or n in ignore:
             continue
         v = _xattr(path, n)
         if v is not None:
@@ -134,20 +134,20 @@ def _xattrs(path: str) -> dict[str, bytes]:
 
 
 def _same_bytes(a: str, b: str, size: int) -> bool:
-    """Whether regular files A and B, both SIZE bytes long, hold the same bytes."""
-    if size > _CHUNK:
-        with open(a, "rb") as ra, open(b, "rb") as rb:   # buffered: read(n) reads n bytes
-            while True:
-                x, y = ra.read(_CHUNK), rb.read(_CHUNK)
-                if x != y:
-                    return False
-                if not x:
-                    return True
-    # The common case, a small file: one read each (one byte more, to see the end).
-    fa = os.open(a, os.O_RDONLY | os.O_CLOEXEC)
+    """Whether regular files A and B, both SIZE bytes long, hold the same bytes (read
+    without touching their atimes: comparing must change neither)."""
+    fa = open_noatime(a)
     try:
-        fb = os.open(b, os.O_RDONLY | os.O_CLOEXEC)
+        fb = open_noatime(b)
         try:
+            if size > _CHUNK:
+                while True:
+                    x, y = os.read(fa, _CHUNK), os.read(fb, _CHUNK)
+                    if x != y:
+                        return False
+                    if not x:
+                        return True
+            # The common case, a small file: one read each (one byte more, to see the end).
             return os.read(fa, size + 1) == os.read(fb, size + 1)
         finally:
             os.close(fb)
@@ -158,8 +158,10 @@ def _same_bytes(a: str, b: str, size: int) -> bool:
 _CHUNK = 1 << 16
 
 
-def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
-    """Equal in content, mode, owner and xattrs (overlay's own excluded); mtime ignored."""
+def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result,
+               ignore: frozenset[str] = frozenset()) -> bool:
+    """Equal in content, mode, owner and xattrs (overlay's own and IGNORE excluded); mtime
+    ignored."""
     ma, mb = sa.st_mode, sb.st_mode
     fmt = ma & _IFMT
     if fmt != mb & _IFMT or sa.st_uid != sb.st_uid or sa.st_gid != sb.st_gid:
@@ -174,7 +176,28 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
             return False
     elif fmt in (_IFCHR, _IFBLK) and sa.st_rdev != sb.st_rdev:
         return False
-    return _xattrs(a) == _xattrs(b)
+    return _xattrs(a, ignore) == _xattrs(b, ignore)
+
+
+def open_noatime(path: str) -> int:
+    """A read-only fd of PATH that reading through leaves the atime alone (O_NOATIME needs
+    the owner or CAP_FOWNER; without it, a plain open): comparing an upper with the layers
+    below must not change either."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        return os.open(path, flags)
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(open_noatime(a), "rb") as fa, open(open_noatime(b), "rb") as fb:
+        while True:
+            ca, cb = fa.read(1 << 16), fb.read(1 << 16)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
 
 
 def digest(path: str, st: os.stat_result | None = None) -> str:
@@ -185,7 +208,7 @@ def digest(path: str, st: os.stat_result | None = None) -> str:
     h.update(f"{stat.S_IFMT(st.st_mode)}:{stat.S_IMODE(st.st_mode)}:{st.st_uid}:{st.st_gid}"
              .encode())
     if stat.S_ISREG(st.st_mode):
-        with open(path, "rb") as f:
+        with open(open_noatime(path), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 16), b""):
                 h.update(chunk)
     elif stat.S_ISLNK(st.st_mode):
@@ -305,17 +328,24 @@ def merged_lower(layers: list[LayerRef], rel: str = "",
             yield from merged_lower(layers, r, subdirs[n])
 
 
-def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None) -> list[Change]:
+def classify(upper: str, layers: list[LayerRef], rels: list[str] | None = None,
+             ignore_xattrs: frozenset[str] = frozenset(),
+             lower_only: bool = False) -> list[Change]:
     """Every entry of the raw upper that is a change against the layers below, sorted by
     path (iter_changes, as a list)."""
-    return list(iter_changes(upper, layers, rels))
+    return list(iter_changes(upper, layers, rels, ignore_xattrs, lower_only))
 
 
-def iter_changes(upper: str, layers: list[LayerRef],
-                 rels: list[str] | None = None) -> Iterator[Change]:
+def iter_changes(upper: str, layers: list[LayerRef], rels: list[str] | None = None,
+                 ignore_xattrs: frozenset[str] = frozenset(),
+                 lower_only: bool = False) -> Iterator[Change]:
     """The changes of classify(), one at a time and already in sorted order (so a caller
     can print each as it comes). Walks the upper and the lower layers side by side, so each
-    directory is listed once. RELS: only below these paths."""
+    directory is listed once. RELS: only below these paths. Xattrs named in IGNORE_XATTRS
+    do not count as a difference. LOWER_ONLY (the upper is the real hierarchy, with no
+    defaults below it): only what touches the lower layers, i.e. upper entries over a lower
+    one, whiteouts and opaque directories hiding lower content; the upper's own files are
+    the system, not changes, and are not walked."""
     roots = [(layer, layer.path) for layer in layers if os.path.isdir(layer.path)]
 
     def wanted(rel: str) -> bool:
@@ -355,6 +385,8 @@ def iter_changes(upper: str, layers: list[LayerRef],
             if rels and not wanted(rel):
                 continue
             low = below.get(n)
+            if lower_only and low is None and not _lower_relevant(p):
+                continue
             scope = not rels or in_scope(rel)
             fmt = st.st_mode & _IFMT
             if (fmt == _IFCHR and st.st_rdev == 0) or (fmt == _IFREG and st.st_size == 0
@@ -375,14 +407,14 @@ def iter_changes(upper: str, layers: list[LayerRef],
                     below_dir[n] = (rel, sub or None)
                     continue
                 if scope:
-                    change = _change_of(p, st, low, opaque, subdirs.get(n))
-                    if change:
+                    change = _change_of(p, st, low, opaque, subdirs.get(n), ignore_xattrs)
+                    if change and not (lower_only and change == "added"):
                         yield Change(rel, change, low)
                 # Below an opaque upper directory nothing of the lower layers shows through.
                 below_dir[n] = (rel, None if opaque or low is None else subdirs.get(n))
             elif scope:
-                change = _change_of(p, st, low, False, None)
-                if change:
+                change = _change_of(p, st, low, False, None, ignore_xattrs)
+                if change and not (lower_only and change == "added"):
                     yield Change(rel, change, low)
         else:
             frames.pop()
@@ -402,8 +434,21 @@ def _first(t: tuple[str, str, str, os.stat_result | None]) -> str:
     return t[0]
 
 
+def _lower_relevant(p: str) -> bool:
+    """An upper entry with nothing below it that still concerns the layers below: a
+    whiteout (an orphan one) or a renamed directory (its content comes from below)."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return False
+    if is_whiteout(p, st):
+        return True
+    return stat.S_ISDIR(st.st_mode) and redirect_of(p) is not None
+
+
 def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
-               lower_dirs: LowerDirs | None) -> ChangeKind | None:
+               lower_dirs: LowerDirs | None,
+               ignore: frozenset[str] = frozenset()) -> ChangeKind | None:
     if low is None:
         return "added"
     if stat.S_IFMT(st.st_mode) != stat.S_IFMT(low.st.st_mode):
@@ -411,8 +456,8 @@ def _change_of(p: str, st: os.stat_result, low: Entry | None, opaque: bool,
     if stat.S_ISDIR(st.st_mode):
         if opaque and lower_dirs and lower_children(lower_dirs)[0]:
             return "opaque"
-        return None if same_entry(p, st, low.path, low.st) else "modified"
-    return "identical" if same_entry(p, st, low.path, low.st) else "modified"
+        return None if same_entry(p, st, low.path, low.st, ignore) else "modified"
+    return "identical" if same_entry(p, st, low.path, low.st, ignore) else "modified"
 
 
 class UpperLookup:
@@ -482,6 +527,12 @@ def lower_dirs_below(upper: str | None, layers: list[LayerRef], parts: list[str]
             if r is not None:
                 dirs = _redirected(layers, parent_dirs, r)
     return dirs
+
+
+def redirected_dirs(layers: list[LayerRef], parent_dirs: LowerDirs, r: str) -> LowerDirs:
+    """The lower directories a renamed directory (redirect R) draws its content from: an
+    absolute R from the layers' root, a relative one among PARENT_DIRS (its parent's)."""
+    return _redirected(layers, parent_dirs, r)
 
 
 def _redirected(layers: list[LayerRef], parent_dirs: LowerDirs, r: str) -> LowerDirs:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from overlayctl import __version__
 from overlayctl.errors import OverlayctlError, die
+from overlayctl.kernel import birth_time_us
 
 TYPE_CHECKING = False  # the typing module costs start-up time; only mypy needs it
 if TYPE_CHECKING:
@@ -138,6 +139,21 @@ error AlreadyMerged(
     hierarchy: string
 )
 """)  # noqa: E501
+
+IO_SYSTEMD_SYSUPDATE_NOTIFY = _idl("""\
+interface io.systemd.SysUpdate.Notify
+
+type Resource(
+    transfer: string,
+    path: ?string
+)
+
+method OnCompletedUpdate(
+    component: ?string,
+    version: ?string,
+    resources: ?[]Resource
+) -> ()
+""")
 
 IO_SYSTEMD = _idl("""\
 interface io.systemd
@@ -381,7 +397,8 @@ class Call:
 
 # Methods that check their parameters themselves after validation, not with a dispatch table
 # that answers InvalidParameter.
-RAW_DISPATCH = {"org.varlink.service.GetInterfaceDescription"}
+RAW_DISPATCH = {"org.varlink.service.GetInterfaceDescription",
+                "io.systemd.SysUpdate.Notify.OnCompletedUpdate"}
 
 
 class Service:
@@ -390,8 +407,8 @@ class Service:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.interfaces = {i.name: i for i in map(parse_interface,
-                                                  (IO_SYSTEMD, IO_SYSTEMD_SYSEXT,
-                                                   ORG_VARLINK_SERVICE))}
+                                                  (IO_SYSTEMD, IO_SYSTEMD_SYSUPDATE_NOTIFY,
+                                                   IO_SYSTEMD_SYSEXT, ORG_VARLINK_SERVICE))}
         self.handlers: dict[str, Callable[[Call], list[dict[str, Any] | None]]] = {
             "org.varlink.service.GetInfo": self.get_info,
             "org.varlink.service.GetInterfaceDescription": self.get_interface_description,
@@ -399,6 +416,7 @@ class Service:
             "io.systemd.sysext.Unmerge": self.unmerge,
             "io.systemd.sysext.Refresh": self.refresh,
             "io.systemd.sysext.List": self.list_images,
+            "io.systemd.SysUpdate.Notify.OnCompletedUpdate": self.on_completed_update,
         }
 
     def call(self, method: str, call: Call) -> list[dict[str, Any] | None]:
@@ -417,8 +435,13 @@ class Service:
                 bad = undispatchable(m, call.params)
             if bad is not None:
                 raise VarlinkError(INVALID_PARAMETER, {"parameter": bad})
+        replies: list[dict[str, Any] | None] = self.call_engine(lambda: handler(call))
+        return replies
+
+    def call_engine(self, fn: Callable[[], Any]) -> Any:
+        """FN's result; its failures as the varlink errors upstream answers."""
         try:
-            return handler(call)
+            return fn()
         except VarlinkError:
             raise
         except OverlayctlError as e:
@@ -485,6 +508,32 @@ class Service:
         _unmerge(o, p.get("class", o.cls), no_reload=p.get("noReload", o.no_reload))
         return [None]
 
+    # io.systemd.SysUpdate.Notify (262: systemd-sysupdate-notify-sysext.socket)
+
+    def on_completed_update(self, call: Call) -> list[dict[str, Any] | None]:
+        """systemd-sysupdate finished an update: refresh both classes (configuration
+        extensions first), as a refresh with the service's own options. Only root may
+        ask; the parameters (what was updated) do not matter. Both classes are refreshed
+        even when the first fails; the first failure is the reply."""
+        if call.peer_uid not in (None, 0):
+            from overlayctl import log as logger
+            logger.debug("Invoked by unprivileged Varlink peer, refusing.")
+            raise VarlinkError(PERMISSION_DENIED)
+        self._privileged(call)
+        o = self.opts
+        first: Exception | None = None
+        for cls in ("confext", "sysext"):
+            def refresh(c: str = cls) -> None:
+                _merge(o, c, refresh=True, force=o.force, no_reload=o.no_reload,
+                       noexec=o.noexec, always_refresh=o.always_refresh)
+            try:
+                self.call_engine(refresh)
+            except VarlinkError as e:
+                first = first or e
+        if first is not None:
+            raise first
+        return [None]
+
     def list_images(self, call: Call) -> list[dict[str, Any] | None]:
         cls = call.params.get("class", self.opts.cls)
         records: list[dict[str, Any] | None] = [image_record(cls, t, n, p)
@@ -496,34 +545,10 @@ class Service:
 
 # --- List records: what upstream's image_to_json() reports -----------------------------------
 
-STATX_BTIME = 0x800
 FS_IOC_GETFLAGS = 0x80086601
 FS_IMMUTABLE_FL = 0x10
 BLKROGET = 0x125E
 BLKGETSIZE64 = 0x80081272
-
-
-def _crtime_us(path: str) -> int:
-    """Birth time in µs (statx), else systemd's user.crtime_usec xattr, else 0."""
-    import ctypes
-    import struct
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(256)
-    statx = libc.statx
-    statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                      ctypes.c_void_p]
-    if statx(-100, os.fsencode(path), 0, STATX_BTIME, buf) == 0:   # AT_FDCWD
-        mask: int = struct.unpack_from("<I", buf, 0)[0]
-        sec: int
-        nsec: int
-        sec, nsec = struct.unpack_from("<qI", buf, 80)                 # stx_btime
-        if mask & STATX_BTIME and sec > 0:
-            return sec * 1_000_000 + nsec // 1000
-    try:
-        raw = os.getxattr(path, "user.crtime_usec")
-    except OSError:
-        return 0
-    return int.from_bytes(raw, "little") if len(raw) == 8 else 0
 
 
 def _ioctl_int(path: str, flags: int, request: int, size: int) -> int | None:
@@ -553,10 +578,10 @@ def image_record(cls: str, typ: str, name: str, path: str) -> dict[str, Any]:
         # Not the top directory's mtime: that is not when the tree last changed.
         attrs = _ioctl_int(path, os.O_DIRECTORY, FS_IOC_GETFLAGS, 4)
         read_only = read_only or bool(attrs and attrs & FS_IMMUTABLE_FL)
-        crtime = _crtime_us(path)
+        crtime = birth_time_us(path)
     elif typ == "raw":
         read_only = read_only or not st.st_mode & 0o222
-        crtime = _crtime_us(path)
+        crtime = birth_time_us(path)
         mtime = st.st_mtime_ns // 1000
         usage, limit = st.st_blocks * 512, st.st_size
     elif typ == "block":
@@ -598,7 +623,8 @@ class Options:
 
 def _default_class() -> str:
     """Upstream serves the class of its binary: systemd-confext serves confext."""
-    return "confext" if "systemd-confext" in os.path.basename(sys.argv[0]) else "sysext"
+    from overlayctl.personality import current
+    return "confext" if current().classes == ("confext",) else "sysext"
 
 
 def _options(argv: list[str], parser: Callable[[list[str]], Any]) -> Options:
@@ -618,6 +644,9 @@ def _options(argv: list[str], parser: Callable[[list[str]], Any]) -> Options:
         if mutable is None:
             raise die(f"failed to parse argument to --mutable=: {args.mutable}",
                       f"use one of {', '.join(MUTABLE_MODES)}, or a boolean")
+    if args.image_policy is not None:
+        from overlayctl.settings import parse_image_policy
+        parse_image_policy(args.image_policy)
     root = os.path.realpath(args.root)
     if not os.path.isdir(root):
         raise die(f"--root={args.root}: no such directory", "give an existing directory")
@@ -897,6 +926,10 @@ def main(argv: list[str], parser: Callable[[list[str]], Any]) -> int | None:
         if not invoked():
             return None
         opts = _options(argv, parser)
+        if "SYSTEMD_EXEC_PID" in os.environ:
+            from overlayctl import kcmdline
+            if kcmdline.disabled(opts.cls):
+                return 0
         listeners, conns = activation()
     except OverlayctlError as e:
         msg = e.message[0].lower() + e.message[1:] if e.message else e.message

@@ -25,9 +25,9 @@ import errno
 import os
 import stat
 import struct
-from dataclasses import dataclass
 
 from overlayctl.errors import die
+from overlayctl.record import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -169,18 +169,24 @@ MAX_SIGNATURE_SIZE = 4 * 1024 * 1024
 # ---------------------------------------------------------------------------------------------
 # (a) Sidecars
 
-@dataclass(frozen=True)
-class VeritySettings:
+class VeritySettings(Record):
     """What is known about an image's verity: which data partition it protects ("root",
     "usr", or None when nothing says), the root hash, its PKCS#7 signature, the sidecar
     hash-tree file (plain file-system images only), and where the root hash came from."""
 
-    designator: str | None = None
-    root_hash: bytes | None = None
-    root_hash_sig: bytes | None = None
-    data_path: str | None = None
-    root_hash_source: str | None = None
-    sig_source: str | None = None
+    __slots__ = ("designator", "root_hash", "root_hash_sig", "data_path", "root_hash_source",
+                 "sig_source")
+    designator: str | None
+    root_hash: bytes | None
+    root_hash_sig: bytes | None
+    data_path: str | None
+    root_hash_source: str | None
+    sig_source: str | None
+
+    def __init__(self, designator: str | None = None, root_hash: bytes | None = None,
+                 root_hash_sig: bytes | None = None, data_path: str | None = None,
+                 root_hash_source: str | None = None, sig_source: str | None = None) -> None:
+        self._fill(locals())
 
     def covers(self, designator: str) -> bool:
         """verity_settings_data_covers(): enough to set up verity for DESIGNATOR from a
@@ -426,17 +432,22 @@ _VERSIONED = ("root", "usr", "root-verity", "usr-verity", "root-verity-sig", "us
 _SECONDARY = {"x86-64": "x86", "arm64": "arm"}
 
 
-@dataclass(frozen=True)
-class GptPartition:
-    number: int            # 1-based, as the kernel numbers partitions
+class GptPartition(Record):
+    __slots__ = ("number", "type_uuid", "uuid", "label", "flags", "offset", "size", "designator",
+                 "arch")
+    number: int  # 1-based, as the kernel numbers partitions
     type_uuid: str
-    uuid: str              # the partition's own UUID, lower case with dashes
+    uuid: str  # the partition's own UUID, lower case with dashes
     label: str
     flags: int
-    offset: int            # bytes
-    size: int              # bytes
+    offset: int  # bytes
+    size: int  # bytes
     designator: str | None
     arch: str | None
+
+    def __init__(self, number: int, type_uuid: str, uuid: str, label: str, flags: int,
+                 offset: int, size: int, designator: str | None, arch: str | None) -> None:
+        self._fill(locals())
 
     @property
     def read_only(self) -> bool:
@@ -526,11 +537,15 @@ def select_partitions(parts: Sequence[GptPartition], *, native_arch: str | None 
     return chosen
 
 
-@dataclass(frozen=True)
-class SigPartition:
+class SigPartition(Record):
+    __slots__ = ("root_hash", "signature", "certificate_fingerprint")
     root_hash: bytes
     signature: bytes
     certificate_fingerprint: str | None
+
+    def __init__(self, root_hash: bytes, signature: bytes,
+                 certificate_fingerprint: str | None) -> None:
+        self._fill(locals())
 
 
 def parse_sig_json(data: bytes, where: str) -> SigPartition:
@@ -600,15 +615,19 @@ def _uuid_halves(root_hash: bytes) -> tuple[str, str]:
     return str(uuid.UUID(bytes=root_hash[:16])), str(uuid.UUID(bytes=root_hash[-16:]))
 
 
-@dataclass(frozen=True)
-class DdiVerity:
+class DdiVerity(Record):
     """The outcome for a GPT image: the partitions to use (designator -> partition, as
     policy.check_partitions() wants them) and the verity settings for the protected data
     partition (designator None: no verity)."""
 
+    __slots__ = ("partitions", "verity", "uuid_rule")
     partitions: dict[str, GptPartition]
     verity: VeritySettings
-    uuid_rule: bool        # the data/verity partition UUIDs are the root hash's halves
+    uuid_rule: bool  # the data/verity partition UUIDs are the root hash's halves
+
+    def __init__(self, partitions: dict[str, GptPartition], verity: VeritySettings,
+                 uuid_rule: bool) -> None:
+        self._fill(locals())
 
 
 def ddi_verity(path: str, parts: Sequence[GptPartition], sidecar: VeritySettings, *,
@@ -700,10 +719,11 @@ _SB = struct.Struct("<8sII16s32sIIQH6s256s168s")
 assert _SB.size == SUPERBLOCK_SIZE
 
 
-@dataclass(frozen=True)
-class VerityParams:
+class VerityParams(Record):
     """A verity hash device's superblock (cryptsetup's struct verity_sb), and where it is."""
 
+    __slots__ = ("version", "hash_type", "uuid", "algorithm", "data_block_size",
+                 "hash_block_size", "data_blocks", "salt", "hash_offset")
     version: int
     hash_type: int
     uuid: str
@@ -712,7 +732,12 @@ class VerityParams:
     hash_block_size: int
     data_blocks: int
     salt: bytes
-    hash_offset: int = 0        # bytes from the start of the hash device to the superblock
+    hash_offset: int  # bytes from the start of the hash device to the superblock
+
+    def __init__(self, version: int, hash_type: int, uuid: str, algorithm: str,
+                 data_block_size: int, hash_block_size: int, data_blocks: int, salt: bytes,
+                 hash_offset: int = 0) -> None:
+        self._fill(locals())
 
     @property
     def hash_start_block(self) -> int:
@@ -951,14 +976,18 @@ def certificate_files(root: str = "/") -> list[str]:
     return [p for _, p in sorted(seen.items()) if p is not None]
 
 
-@dataclass(frozen=True)
-class SignatureCheck:
+class SignatureCheck(Record):
     """``ok`` with the certificate file and subject that verified it, or why not."""
 
+    __slots__ = ("ok", "reason", "cert", "subject")
     ok: bool
     reason: str
-    cert: str | None = None
-    subject: str | None = None
+    cert: str | None
+    subject: str | None
+
+    def __init__(self, ok: bool, reason: str, cert: str | None = None,
+                 subject: str | None = None) -> None:
+        self._fill(locals())
 
 
 _DIGESTS = ("sha224", "sha256", "sha384", "sha512", "sha3_224", "sha3_256", "sha3_384",
@@ -1102,3 +1131,40 @@ def _signer_name(sid: object) -> str:
         return f"subject key identifier {chosen.native.hex()}"
     except (AttributeError, KeyError, ValueError):
         return "unknown signer"
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) What list, status and the merge record say about a raw image
+
+class Protection(Record):
+    """How a raw image is (or would be) mounted: ``kind`` is what it offers the policy
+    ("unprotected", "verity" or "signed"), ``designator`` the partition used ("root" or
+    "usr"), ``root_hash`` hex, ``signature`` how the signature was checked once activated
+    ("kernel", "userspace", or "unchecked" under $SYSTEMD_DISSECT_VERITY_SIGNATURE=0; None
+    before activation or without one), ``policy`` the image policy it was checked against."""
+
+    __slots__ = ("kind", "designator", "root_hash", "signature", "policy")
+    kind: str
+    designator: str
+    root_hash: str | None
+    signature: str | None
+    policy: str
+
+    def __init__(self, kind: str, designator: str, root_hash: str | None,
+                 signature: str | None, policy: str) -> None:
+        self._fill(locals())
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"protection": self.kind, "designator": self.designator,
+                "root_hash": self.root_hash, "signature": self.signature,
+                "policy": self.policy}
+
+    @classmethod
+    def from_json(cls, j: object) -> Protection | None:
+        if not isinstance(j, dict) or j.get("protection") not in ("unprotected", "verity",
+                                                                    "signed"):
+            return None
+        return cls(str(j["protection"]), str(j.get("designator") or "root"),
+                   j.get("root_hash") if isinstance(j.get("root_hash"), str) else None,
+                   j.get("signature") if isinstance(j.get("signature"), str) else None,
+                   str(j.get("policy") or ""))

@@ -157,10 +157,14 @@ def ddi(d: Path, name: str = "ddi", *, designator: str = "usr", sign_with: Key |
         files: dict[str, str] | None = None) -> Ddi:
     """A GPT image with DESIGNATOR (squashfs), DESIGNATOR-verity and, when signed (or given
     SIG_BLOB, the raw content of the signature partition), DESIGNATOR-verity-sig; UUIDS
-    overrides the partition UUIDs derived from the root hash."""
+    overrides the partition UUIDs derived from the root hash. A usr partition holds what is
+    below usr/ of the tree (as systemd-repart lays out a sysext DDI), a root partition all
+    of it."""
     d.mkdir(parents=True, exist_ok=True)
     tree = d / f"{name}.tree"
     data = squashfs(tree, d / f"{name}.data", name, files)
+    if designator == "usr":
+        run("mksquashfs", tree / "usr", data, "-quiet", "-noappend", "-all-root")
     hashf = d / f"{name}.hash"
     rh = verity_format(data, hashf)
     du, vu = uuids or (str(uuid.UUID(bytes=rh[:16])), str(uuid.UUID(bytes=rh[-16:])))

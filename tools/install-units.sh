@@ -27,6 +27,7 @@ if [[ $first == "#!"*python* && $first != *" -IS" ]]; then
 fi
 mkdir -p "$dir"
 for u in overlayctl-confext.service overlayctl-sysext.service overlayctl-sysext.socket \
+         overlayctl-sysupdate-notify.socket overlayctl-sysupdate-notify@.service \
          overlayctl-sysext@.service; do
     sed "s|@OVERLAYCTL@|$bin|g" "$here/units/$u" > "$dir/$u"
     echo "installed $dir/$u"

@@ -279,7 +279,9 @@ def activate(case: dict[str, object], prep: dict[str, object]) -> None:
                         check(f"{name}: status C",
                               dm.table_status(dmname)[0][3].startswith("C"))
                     else:
-                        text = Path(mnt, "usr/share/verity-smoke/hello").read_text()
+                        # A DDI's usr partition holds what is below usr/.
+                        rel = "share" if case["kind"] == "ddi" else "usr/share"
+                        text = Path(mnt, rel, "verity-smoke/hello").read_text()
                         check(f"{name}: the file reads back", text == "hello from verity\n")
                 finally:
                     os.close(mfd)      # the detached mount goes with its last fd

@@ -50,7 +50,13 @@ def snap(root: str) -> dict[str, object]:
             r = rel + e.name
             if r in SKIP or e.name in META:
                 continue
-            st = os.lstat(e.path)
+            try:
+                st = os.lstat(e.path)
+            except FileNotFoundError:
+                # overlayfs lists the whiteouts of a directory that only one lower layer has,
+                # but looking them up finds nothing.
+                files[r] = "listed, not found"
+                continue
             if stat.S_ISLNK(st.st_mode):
                 files[r] = "link " + os.readlink(e.path).replace(root, "<ROOT>")
             elif stat.S_ISDIR(st.st_mode):

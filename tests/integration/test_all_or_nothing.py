@@ -215,3 +215,26 @@ def test_drop_happens_only_at_commit(two: Root, tmp_path: Path) -> None:
     assert (two / "opt/a.txt").read_text() == "A"
     two.run("sysext", "unmerge", check=True)
     assert os.listdir(two / "opt") == ["host.txt"]
+
+
+def test_refresh_failing_between_two_swaps_restores_both(two: Root) -> None:
+    """/usr was swapped when attaching /opt fails: the rollback puts /usr's old overlay back
+    (a clone of it kept for that), so both hierarchies show the old merge, and the next
+    refresh merges both anew."""
+    two.run("sysext", "merge", check=True)
+    before = status(two)
+    two.sysext("c", {"opt/c.txt": "C", "usr/share/c.txt": "C"})
+    r = two.run("sysext", "refresh", env={"OVERLAYCTL_FAULT_ERROR": "attach@/opt"})
+    assert r.returncode == 1 and "injected failure" in r.stderr, r.stderr
+    assert status(two) == before
+    assert (two / "usr/share/b.txt").read_text() == "B" and (two / "opt/a.txt").exists()
+    assert not (two / "usr/share/c.txt").exists()
+    assert len(mountinfo_overlays(two / "usr")) == 1
+    two.run("sysext", "refresh", check=True)
+    st = status(two)
+    assert st["/usr"]["extensions"] == st["/opt"]["extensions"] == ["a", "b", "c"]
+    two.run("sysext", "unmerge", check=True)
+
+
+def mountinfo_overlays(path: Path) -> list[mountinfo.Mount]:
+    return [m for m in mountinfo.read() if m.mountpoint == str(path) and m.fstype == "overlay"]

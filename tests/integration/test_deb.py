@@ -125,7 +125,7 @@ def test_control(deb: Path) -> None:
     assert field(deb, "Architecture") == "all"
     assert field(deb, "Version").split(":")[-1].rsplit("-", 1)[0] == overlayctl.__version__
     depends = relation_names(field(deb, "Depends"))
-    assert {"python3", "python3-psutil"} <= depends
+    assert RUNTIME_DEPENDS <= depends
     assert not depends & {"squashfs-tools", "erofs-utils", "systemd"}
     assert relation_names(field(deb, "Recommends")) == {"squashfs-tools", "erofs-utils"}
     assert "python3-psutil (>= 5.9)" in field(deb, "Depends")
@@ -188,8 +188,9 @@ def test_man_page(unpacked: Path) -> None:
 def test_unpacked_runs(unpacked: Path, tmp_path: Path) -> None:
     """/usr/bin/overlayctl from the package, with the package's module (not the checkout's)."""
     script = unpacked / "usr/bin/overlayctl"
-    # The lean launcher (tools/launcher.sh): the system interpreter, isolated, without site.
-    assert re.match(r"#! ?/usr/bin/python3 -IS\n", script.read_text())
+    # The lean launcher (tools/launcher.sh): -IS, the package's directory added by hand.
+    assert re.match(r"#!/usr/bin/python3 -IS\n", script.read_text())
+    assert "/usr/lib/python3/dist-packages" in script.read_text()
     site = unpacked / "usr/lib/python3/dist-packages"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SYSTEMD_", "PYTHON"))}
     env["PYTHONPATH"] = str(site)
@@ -209,12 +210,32 @@ def test_unpacked_runs(unpacked: Path, tmp_path: Path) -> None:
     assert [(e["name"], e["type"]) for e in json.loads(r.stdout)] == [("hello", "directory")]
 
 
+# What the package depends on (debian/control) that a minbase tree lacks: `dpkg -i` fails
+# without it, so a tree must have it installed to be used.
+RUNTIME_DEPENDS = {"python3", "python3-psutil", "python3-cryptography", "python3-asn1crypto"}
+
+
+def installed_packages(tree: Path) -> set[str]:
+    names: set[str] = set()
+    try:
+        text = (tree / "var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return names
+    for para in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in para.splitlines()
+                      if ": " in line and not line.startswith(" "))
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            names.add(fields["Package"])
+    return names
+
+
 def trixie_tree() -> Path | None:
     for t in TRIXIE_TREES:
         osr = t / "etc/os-release"
         if (t / "usr/bin/dpkg").exists() and osr.exists() and \
                 "VERSION_CODENAME=trixie" in osr.read_text() and \
-                (t.name != "rootfs" or (t / ".complete").exists()):
+                (t.name != "rootfs" or (t / ".complete").exists()) and \
+                RUNTIME_DEPENDS <= installed_packages(t):
             return t
     return None
 
@@ -226,7 +247,9 @@ def guest(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("needs root in a private mount namespace: use ./run-tests.sh")
     tree = trixie_tree()
     if tree is None:
-        pytest.skip("no Debian trixie tree (e.g. /var/cache/overlayctl-vm/rootfs from vm-tests)")
+        pytest.skip("no Debian trixie tree with " + ", ".join(sorted(RUNTIME_DEPENDS)) +
+                    " installed (e.g. /var/cache/overlayctl-vm/rootfs from vm-tests, or "
+                    "$OVERLAYCTL_TRIXIE_TREE)")
     g = tmp_path / "guest"
     for d in ("upper", "work", "guest"):
         (tmp_path / d).mkdir(exist_ok=True)

@@ -705,13 +705,34 @@ def test_cleanup_keep_defaults_whiteouts(fc: Flatcar) -> None:
     fc.unmerge()
 
 
+def test_merge_clears_stale_opaque_marker(fc: Flatcar) -> None:
+    """A directory made while merged got the kernel's opaque marker; once an OS update
+    brings a default directory of that name, the next merge clears it (hygiene.py)."""
+    fc.merge("yes")
+    (fc.etc / "newdir").mkdir()
+    (fc.etc / "newdir/mine.conf").write_text("mine\n")
+    fc.unmerge()
+    fc.write_default("newdir/default.conf", "default\n")
+    r = fc.run("confext", "merge", "--mutable=yes", f"--defaults={DEFAULTS}", check=True)
+    assert "Cleared the opaque marker of /etc/newdir" in r.stderr
+    assert sorted(os.listdir(fc.etc / "newdir")) == ["default.conf", "mine.conf"]
+    assert "/etc/newdir" not in fc.diff()
+    assert [a for a in fc.verb("cleanup") if a["path"] == "/etc/newdir"] == []
+    fc.unmerge()
+    assert (fc.etc / "newdir/mine.conf").read_text() == "mine\n"
+
+
 def test_cleanup_clears_stale_opaque_marker(fc: Flatcar) -> None:
+    """Without the directory record of the last merge (an older overlayctl, or upstream's
+    merge) the merge takes the marker for a deliberate one; cleanup still knows better
+    from the manifest (there was no default when the directory was made)."""
     fc.merge("yes")
     (fc.etc / "newdir").mkdir()
     (fc.etc / "newdir/mine.conf").write_text("mine\n")
     fc.unmerge()
     # An OS update brings a default directory of the same name.
     fc.write_default("newdir/default.conf", "default\n")
+    (fc.root / "var/lib/overlayctl/confext/etc.dirs").unlink()
     fc.merge("yes")
     assert sorted(os.listdir(fc.etc / "newdir")) == ["mine.conf"]
     assert fc.diff()["/etc/newdir"]["change"] == "opaque"

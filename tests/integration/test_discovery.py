@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayctl.kernel import uname_architecture
+from overlayctl.kernel import birth_time_us, uname_architecture
 from tests.conftest import Root
 from tests.integration.olhelpers import (
     assert_error,
@@ -582,19 +582,23 @@ def test_list_fields(root: Root) -> None:
     c = root.confext("conf")
     (root / "var/lib/extensions/img.raw").write_bytes(b"x")
     os.utime(a, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    os.utime(root / "var/lib/extensions/img.raw", ns=(1_600_000_000_123_456_789,) * 2)
     rows = list_json(root)
     assert [r["name"] for r in rows] == ["alpha", "conf", "img", "zeta"]
     for r in rows:
         assert {"name", "type", "path", "time"} <= set(r)
         assert isinstance(r["time"], int)
     by = {r["name"]: r for r in rows}
-    assert by["zeta"]["time"] == 1_600_000_000_123_456
+    # As upstream: a directory's time is when it was created (its mtime says nothing about
+    # the tree below), a raw image's its modification time.
+    assert by["zeta"]["time"] == birth_time_us(str(a)) != 1_600_000_000_123_456
+    assert by["img"]["time"] == 1_600_000_000_123_456
     assert by["zeta"]["path"] == str(a)
     assert by["alpha"]["path"] == str(b)
     assert by["conf"]["path"] == str(c)
     assert by["alpha"]["type"] == by["conf"]["type"] == "directory"
     assert by["img"]["type"] == "raw"
-    assert by["alpha"]["time"] == os.stat(b).st_mtime_ns // 1000
+    assert by["alpha"]["time"] == birth_time_us(str(b))
     assert [r["name"] for r in list_json(root, "confext")] == ["conf"]
     pretty = root.run("list", "--json=pretty", check=True).stdout
     assert json.loads(pretty) == rows and "\n  " in pretty

@@ -272,8 +272,30 @@ def test_introspect_and_info(tmp_path: Path) -> None:
         }
     oc, up = out["oc"], out["up"]
     assert oc["intro"][0] == 0 and oc["intro"][1].startswith("interface io.systemd.sysext\n")
-    assert oc["interfaces"] == ["io.systemd", "io.systemd.sysext", "org.varlink.service"]
+    assert oc["interfaces"] == ["io.systemd", "io.systemd.SysUpdate.Notify", "io.systemd.sysext",
+                                "org.varlink.service"]
     # 262 also serves io.systemd.SysUpdate.Notify (its sysupdate hook), which overlayctl does
     # not implement yet; everything else is the same.
-    assert set(oc.pop("interfaces")) == set(up.pop("interfaces")) - {"io.systemd.SysUpdate.Notify"}
+    assert oc.pop("interfaces") == up.pop("interfaces")
     assert oc == up
+
+
+def test_refresh_without_a_mode_keeps_the_merged_one(tmp_path: Path) -> None:
+    """A deliberate difference (docs/design.md, "Refresh keeps the merged mode"): merged
+    writable (Mutable=yes in sysext.conf, since gone), a varlink Refresh that names no mode
+    keeps /usr writable; 262 re-merges it read-only."""
+    def steps(s: str) -> list[list[str]]:
+        return [["put", "etc/systemd/sysext.conf", "[SysExt]\nMutable=yes\n"],
+                vl(s, "io.systemd.sysext.Merge", '{"noReload":true}'),
+                ["snap"],
+                ["rm", "etc/systemd/sysext.conf"],
+                vl(s, "io.systemd.sysext.Refresh", '{"noReload":true,"alwaysRefresh":true}'),
+                ["snap"],
+                vl(s, "io.systemd.sysext.Unmerge", "{}")]
+
+    oc, up = both(tmp_path, steps, base)
+    for res in (oc, up):
+        assert res[1]["rc"] == res[4]["rc"] == res[6]["rc"] == 0, res
+        assert res[2]["writable"]["usr"] and res[2]["overlays"]["usr"] == "overlay rw"
+    assert oc[5]["writable"]["usr"] and oc[5]["overlays"]["usr"] == "overlay rw"
+    assert not up[5]["writable"]["usr"] and up[5]["overlays"]["usr"] == "overlay ro"

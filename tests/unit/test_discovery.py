@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from overlayctl import images
+from overlayctl.errors import OverlayctlError
 from overlayctl.images import Image, discover, read_metadata
 from overlayctl.release import check_compatible
 from overlayctl.settings import CLASSES, Settings
@@ -122,8 +123,33 @@ def test_search_dir_symlink_resolved_inside_root(root: Path) -> None:
 
 def test_missing_search_dirs_are_skipped(root: Path) -> None:
     mkdir(root, "var/lib/extensions/foo")
-    mkfile(root, "run/extensions", "not a directory")
+    mkdir(root, "etc")
+    (root / "etc/extensions").symlink_to("/nowhere")      # dangling: as missing
     assert set(found(root)) == {"foo"}
+
+
+@pytest.mark.parametrize("kind", ["file", "loop", "fifo", "file-in-path"])
+def test_search_dir_that_is_no_directory_fails(root: Path, kind: str) -> None:
+    """As upstream ("Failed to discover images", exit 1): a search directory that is a file,
+    a symlink loop or anything else but a directory is an error naming it, so that a typo
+    does not go unnoticed."""
+    mkdir(root, "var/lib/extensions/foo")
+    where = "run/extensions"
+    if kind == "file":
+        mkfile(root, where, "not a directory")
+    elif kind == "loop":
+        mkdir(root, "run")
+        (root / where).symlink_to("extensions")
+    elif kind == "fifo":
+        mkdir(root, "run")
+        os.mkfifo(root / where)
+    else:
+        mkfile(root, "run", "a file where /run should be")
+    with pytest.raises(OverlayctlError) as e:
+        discover(settings(root))
+    assert e.value.message.startswith("failed to discover images: ")
+    assert str(root / where) in e.value.message and e.value.hint
+    assert "\n" not in str(e.value)
 
 
 def test_result_sorted_by_version(root: Path) -> None:
@@ -445,6 +471,38 @@ def test_vpick_relative_dir_symlink(root: Path) -> None:
     mkdir(root, "var/lib/extensions")
     (root / "var/lib/extensions/foo.v").symlink_to("../../../srv/foo.v")
     assert found(root)["foo"].path == str(root / "srv/foo.v/foo_1.0")
+
+
+# What systemd 262's vpick does, entry by entry (each case checked against 262 by
+# tests/integration/test_dropin_parity.py::test_vpick_picks_as_upstream).
+VPICK_CASES = {
+    # a version is ASCII letters, digits and "-.~^" only: "foo_ 2" is no version at all
+    "space": (["foo_1", "foo_ 2"], "foo_1"),
+    "comma": (["foo_1.0", "foo_1,5"], "foo_1.0"),
+    "plus-not-tries": (["foo_1", "foo_2+x"], "foo_1"),
+    "underscore-left": (["foo_1", "foo_2_3_x86-64"], "foo_1"),
+    # whatever follows the last '_' is cut off, an architecture or not
+    "any-is-no-arch": (["foo_1", "foo_1_any"], "foo_1_any"),
+    # same version: the native architecture wins over none
+    "native-wins-tie": (["foo_2", "foo_2_x86-64"], "foo_2_x86-64"),
+    # same version: more tries left wins, then fewer tries done
+    "more-tries-left": (["foo_1+2-1", "foo_1+2-0", "foo_1+3-9"], "foo_1+3-9"),
+    "fewer-tries-done": (["foo_1+2-1", "foo_1+2-0"], "foo_1+2-0"),
+    # equal versions: the larger file name
+    "equal-versions": (["foo_01", "foo_1"], "foo_1"),
+    "version-order": (["foo_1.9", "foo_1.10", "foo_1~rc"], "foo_1.10"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VPICK_CASES))
+def test_vpick_as_systemd(root: Path, case: str) -> None:
+    names, want = VPICK_CASES[case]
+    if "x86-64" in want and images.uname_architecture() != "x86-64":
+        pytest.skip("written for x86-64")
+    v = "var/lib/extensions/foo.v"
+    for n in names:
+        mkdir(root, f"{v}/{n}")
+    assert found(root)["foo"].path == str(root / v / want)
 
 
 @pytest.mark.parametrize("absolute", [True, False])

@@ -18,21 +18,24 @@ PKG = REPO / "overlayctl"
 RANKS: dict[str, int] = {
     "__main__": 100,
     "cli": 90, "varlink": 85,                # front ends (cli hands over to varlink)
+    "kcmdline": 84,                          # the kernel command line kill switch
     "localcli": 80,
+    "commit": 75,                            # commit reads uppers through local's stacks
     "local": 70,                             # local-change verbs call the engine to rebuild
     "engine": 60,                            # order of operations of merge/refresh/unmerge
     "attach": 50, "build": 48, "manifest": 47, "legacy": 46, "live": 45, "nested": 44,
-    "rawimage": 43, "devices": 42, "dm": 42, "mountns": 41, "overlayfs": 40,
+    "hygiene": 44, "rawimage": 43, "devices": 42, "dm": 41, "mountns": 41, "overlayfs": 40,
     "args": 31,                              # the command line (uses release.parse_boolean)
     "plan": 30,                              # pure
-    "policy": 29, "verity": 29,
-    "images": 28, "settings": 27, "release": 26, "versions": 25,
+    "verity": 26,
+    "images": 28, "settings": 27, "release": 26, "versions": 25, "policy": 24,
     "metadata": 29, "state": 20,
     "kernel": 10,
     "paths": 5, "mountinfo": 5, "upper": 5, "log": 5, "errors": 5, "faults": 5,
     "busy": 5, "output": 5, "inuse": 5, "progress": 5,
     "resources": 4,
-    "vocab": 2, "jsontext": 3,
+    "personality": 3, "jsontext": 3,
+    "vocab": 2,
     "record": 1,
     "__init__": 0,
 }
@@ -115,3 +118,22 @@ def test_merge_path_does_not_load_local_verbs() -> None:
     loaded = set(r.stdout.split()[-1:] and r.stdout.strip().splitlines()[-1].split())
     assert "overlayctl.plan" in loaded, r.stdout    # it did plan the merge
     assert not loaded & {"overlayctl.local", "overlayctl.localcli", "overlayctl.upper"}, loaded
+
+
+def test_writable_usr_merge_does_not_load_local_verbs() -> None:
+    """The real /usr as its own upper (issue 10): a writable merge plan of /usr loads the
+    hygiene module but not upper.py (no manifest is kept for /usr)."""
+    code = ("import sys, tempfile, os\n"
+            "from overlayctl import cli\n"
+            "d = tempfile.mkdtemp()\n"
+            "os.makedirs(d + '/usr/lib'); open(d + '/usr/lib/os-release', 'w').write('ID=x\\n')\n"
+            "os.makedirs(d + '/var/lib/extensions.mutable')\n"
+            "os.symlink('../../../usr', d + '/var/lib/extensions.mutable/usr')\n"
+            "cli.main(['--root=' + d, 'sysext', 'merge', '--mutable=yes', '--dry-run',\n"
+            "          '--json=short'])\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('overlayctl'))))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+    loaded = set(r.stdout.strip().splitlines()[-1].split())
+    assert "overlayctl.hygiene" in loaded, r.stdout
+    assert not loaded & {"overlayctl.local", "overlayctl.upper", "overlayctl.manifest"}, loaded

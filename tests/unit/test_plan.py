@@ -369,12 +369,64 @@ def test_symlink_to_hierarchy_makes_it_the_upper(root: PlanTree, mode: str, targ
     assert str(base) not in paths(p)
 
 
+@pytest.mark.parametrize("target", ["/opt", "../../../opt"])
 @pytest.mark.parametrize("mode", ["import", "ephemeral-import"])
-def test_symlink_to_hierarchy_refused_for_import(root: PlanTree, mode: str) -> None:
-    root.base()
+def test_symlink_to_hierarchy_imports_it_on_top(root: PlanTree, mode: str, target: str) -> None:
+    """Deliberate extension of upstream (which refuses): the real directory becomes the top
+    lower layer, above the extensions, and is not also the base."""
+    base = root.base()
+    root.mutable_link(target)
+    p = one(root, mode, [root.ext("e")])
+    assert p.self_import
+    assert roles(p) == ["meta", "import", "extension"]
+    assert paths(p)[1] == str(base) and paths(p).count(str(base)) == 1
+    assert not p.base_used
+    assert p.upper_kind == ("ephemeral" if mode == "ephemeral-import" else None)
+    assert p.upperdir is None and p.workdir is None and not p.create_upper
+    assert p.readonly == (mode == "import")
+    assert p.as_json()["self_import"] is True
+
+
+@pytest.mark.parametrize("mode", ["import", "ephemeral-import"])
+def test_self_import_sits_above_extensions_and_defaults(root: PlanTree, mode: str) -> None:
+    base = root.base()
     root.mutable_link("/opt")
-    with pytest.raises(OverlayctlError):
-        one(root, mode, [root.ext("e")])
+    d = root.mkdir("usr/share/factory/opt")
+    (d / "default").write_text("D")
+    s = mk(root, mode).replace(defaults={"/opt": "/usr/share/factory/opt"})
+    p = make_plan(s, [root.ext("a"), root.ext("b")])[0]
+    assert roles(p) == ["meta", "import", "extension", "extension", "defaults"]
+    assert [la.name for la in p.lowers if la.role == "extension"] == ["b", "a"]
+    assert paths(p)[1] == str(base) and paths(p)[-1] == str(d)
+
+
+def test_self_import_reads_the_plain_view_of_a_merged_hierarchy(root: PlanTree) -> None:
+    """While merged, the hierarchy's path shows the old overlay: the import layer must be
+    the plain directory under it (the base view), never the merged path."""
+    real = root.base()
+    root.mutable_link("/opt")
+    view = root.mkdir("plain-view-of-opt")
+    (view / "preexisting-file-in-hierarchy").write_text("H")
+    plans = make_plan(mk(root, "ephemeral-import"), [root.ext("e")],
+                      base_view=lambda t: str(view) if t == str(real) else t)
+    p = plans[0]
+    assert p.self_import and paths(p)[1] == str(view)
+    assert str(real) not in paths(p)
+
+
+def test_self_import_of_a_missing_hierarchy_is_no_import(root: PlanTree) -> None:
+    """A link to a hierarchy that does not exist dangles: nothing to import."""
+    root.mutable_link("/opt")
+    p = one(root, "import", [root.ext("e")])
+    assert not p.self_import and roles(p) == ["meta", "extension"]
+
+
+def test_import_of_a_separate_dir_is_not_self_import(root: PlanTree) -> None:
+    root.base()
+    m = root.mutable()
+    p = one(root, "import", [root.ext("e")])
+    assert not p.self_import
+    assert roles(p) == ["meta", "import", "extension", "base"] and paths(p)[1] == str(m)
 
 
 def test_symlink_to_symlinked_hierarchy(root: PlanTree) -> None:
@@ -849,13 +901,14 @@ def build(tmp: str, exts: dict[str, str], mstate: str, base: str) -> tuple[PlanT
 def test_planner_properties(exts: dict[str, str], mode: str, mstate: str, base: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         r, imgs = build(tmp, exts, mstate, base)
-        try:
-            (p,) = make_plan(mk(r, mode), imgs)
-        except OverlayctlError:
-            # the only failure this setup can produce (all modes 0755, one file system)
-            assert mode in ("import", "ephemeral-import") and mstate == "to-hierarchy"
-            return
-        assert not (mode in ("import", "ephemeral-import") and mstate == "to-hierarchy")
+        # This setup cannot fail (all modes 0755, one file system).
+        (p,) = make_plan(mk(r, mode), imgs)
+        # A mutable dir that is the hierarchy itself is imported exactly once, as the import
+        # layer (overlayctl's extension of upstream, which refuses it).
+        assert p.self_import == (mode in ("import", "ephemeral-import")
+                                 and mstate == "to-hierarchy")
+        if p.self_import:
+            assert paths(p).count(str(r / "opt")) == 1 and "base" not in roles(p)
         contributing = [n for n, c in exts.items() if c == "content"]
 
         if not p.merge:
@@ -880,11 +933,12 @@ def test_planner_properties(exts: dict[str, str], mode: str, mstate: str, base: 
         if "base" in roles(p):
             assert roles(p)[-1] == "base"
             assert base == "full" or (mstate == "to-hierarchy" and base != "missing")
+            assert not p.self_import
         # extensions: exactly the contributing ones, newest (by version) first
         ext_names = [x.name for x in p.lowers if x.role == "extension"]
         assert sorted(ext_names) == sorted(contributing)
         for newer, older in itertools.pairwise(ext_names):
-            assert vercmp(newer, older) > 0
+            assert vercmp(newer, older) >= 0   # "0" and "00" are the same version
         assert list(p.extensions) == [i.name for i in imgs]
         # read-only exactly when no upper was determined
         expect_upper = (mode in ("yes", "ephemeral", "ephemeral-import")

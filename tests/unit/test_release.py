@@ -94,10 +94,14 @@ def test_malformed_lines_are_skipped(line: str) -> None:
     assert env == {"BEFORE": "1", "AFTER": "2"}
 
 
-def test_unterminated_quote_does_not_break_other_lines() -> None:
+def test_unterminated_quote_runs_to_the_end_of_the_file() -> None:
+    """As systemd's env-file reader: a quote may span lines, so an unclosed one takes the rest
+    of the file, newlines included; `ID="_any` is then the ID "_any\\n", which matches no
+    host (upstream: "Extension ... is for OS '_any\\n'")."""
     env = parse_env_text('A="unterminated\nB=fine\n')
-    assert env["B"] == "fine"
-    assert "A" in env
+    assert env == {"A": "unterminated\nB=fine\n"}
+    assert parse_env_text('ID="_any\n') == {"ID": "_any\n"}
+    assert parse_env_text("ID='_any") == {"ID": "_any"}
 
 
 def test_parse_env_file(tmp_path: Path) -> None:
@@ -436,3 +440,88 @@ def test_rule_order_scope_before_architecture_before_id() -> None:
     assert r is not None and "SYSEXT_SCOPE" in r
     r = check_compatible({"ARCHITECTURE": "arm64"}, HOST, SYSEXT, "system", "img")
     assert r is not None and "ARCHITECTURE" in r
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd's env-file reader: the details, and what makes it refuse a whole file
+
+
+@pytest.mark.parametrize("text,env", [
+    ('A="a b"  c  d  \n', {"A": "a bc  d"}),          # after a quote: blanks skipped, then more
+    ("A=x \\  \n", {"A": "x  "}),                    # an escaped blank is never stripped
+    ("A=a\\\nb\n", {"A": "ab"}),                     # backslash-newline joins the lines
+    ("A='a\nb'\n", {"A": "a\nb"}),                   # quotes span lines
+    ('A="a\\\nb"\n', {"A": "ab"}),                   # a continuation inside double quotes
+    ('A="\\q\\$"\n', {"A": "\\q$"}),
+    ("# c \\\nA=1\n", {"A": "1"}),                   # a comment ends at the newline (v254+)
+    ("A=1 # not a comment\n", {"A": "1 # not a comment"}),
+    ("A=x\rB=y\r", {"A": "x", "B": "y"}),            # CR ends a line, as LF
+    ("A=1", {"A": "1"}),                             # no final newline
+    ("A=", {"A": ""}),
+    ("A\nB=2\n", {"B": "2"}),                        # no '=': not an assignment
+    ('A=x"y"\n', {"A": 'x"y"'}),                     # quotes only count at the start
+])
+def test_env_file_details_as_systemd(text: str, env: dict[str, str]) -> None:
+    assert release.parse_env_bytes(text.encode()) == env
+
+
+def test_keys_are_not_validated_but_lookups_only_see_names() -> None:
+    raw = release.parse_env_bytes(b"KEY WITH SPACE=x\n1K=y\n")
+    assert raw == {"KEY WITH SPACE": "x", "1K": "y"}
+    assert parse_env_text("KEY WITH SPACE=x\n1K=y\n") == {}
+
+
+@pytest.mark.parametrize("data,why", [
+    (b"ID=_any\n\0VERSION_ID=1\n", "NUL"),
+    (b"ID=_any\nX=\xff\n", "UTF-8"),
+    (b"\xffID=_any\n", "UTF-8"),
+])
+def test_files_systemd_refuses_as_a_whole(tmp_path: Path, data: bytes, why: str) -> None:
+    p = tmp_path / "extension-release.x"
+    p.write_bytes(data)
+    with pytest.raises(release.EnvFileError, match=why):
+        parse_env_file(str(p))
+
+
+def test_invalid_utf8_in_a_comment_is_fine(tmp_path: Path) -> None:
+    p = tmp_path / "r"
+    p.write_bytes(b"# \xff\nID=_any\n")
+    assert parse_env_file(str(p)) == {"ID": "_any"}
+
+
+def test_a_file_over_systemds_limit_is_refused_unread(tmp_path: Path) -> None:
+    """systemd reads at most 64 MiB - 1 byte (READ_FULL_BYTES_MAX): a sparse 64 MiB file is
+    refused by its size, without being read."""
+    p = tmp_path / "r"
+    with open(p, "wb") as f:
+        f.write(b"ID=_any\n")
+        f.truncate(release.READ_FULL_BYTES_MAX + 1)
+    with pytest.raises(release.EnvFileError, match="larger than 64 MiB"):
+        parse_env_file(str(p))
+
+
+def test_a_large_file_under_the_limit_is_read_in_chunks(tmp_path: Path) -> None:
+    """A multi-chunk file with assignments and a quoted value that straddle chunk borders."""
+    p = tmp_path / "r"
+    pad = b"# " + b"p" * 61 + b"\n"
+    body = b"ID=_any\n" + pad * 20000 + b'LONG="' + b"v" * 3_000_000 + b'"\n' + pad * 20000 \
+        + b"SYSEXT_LEVEL=1.0\n"
+    p.write_bytes(body)
+    env = parse_env_file(str(p))
+    assert env["ID"] == "_any" and env["SYSEXT_LEVEL"] == "1.0"
+    assert env["LONG"] == "v" * 3_000_000
+
+
+def test_chunked_and_whole_parse_agree() -> None:
+    text = (b'A="x\\"y" z\\\n w\nB=\'q\nr\'\n# c\nC = v  \nD="unclosed\n')
+    whole = release.parse_env_bytes(text)
+    for size in (1, 2, 3, 7):
+        p = release._EnvParser("t")
+        for i in range(0, len(text), size):
+            p.feed(text[i:i + size])
+        assert p.finish() == whole, size
+
+
+def test_incompatibility_message_is_one_line() -> None:
+    reason = check_compatible({"ID": "_any\n"}, {"ID": "testtest"}, SYSEXT, "system", "x")
+    assert reason is not None and "\n" not in reason and "_any\\n" in reason

@@ -95,3 +95,15 @@ def test_close_unwinds_and_empties() -> None:
 def test_enter_context_refuses_what_is_no_context_manager() -> None:
     with ExitStack() as s, pytest.raises(TypeError, match="context manager protocol"):
         s.enter_context(object())  # type: ignore[arg-type]
+
+
+def test_pop_all_hands_everything_over() -> None:
+    from overlayctl.resources import ExitStack
+    done: list[str] = []
+    with ExitStack() as outer:
+        with ExitStack() as inner:
+            inner.callback(done.append, "a")
+            inner.callback(done.append, "b")
+            outer.enter_context(inner.pop_all())
+        assert done == []              # the inner stack gave them away
+    assert done == ["b", "a"]          # the outer one ran them, last in first out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from overlayctl.errors import OverlayctlError
+from overlayctl.policy import PolicyError, parse_policy
 from overlayctl.settings import (
     CLASSES,
     MUTABLE_MODES,
@@ -142,7 +143,7 @@ def test_config_used_when_nothing_else(root: Path) -> None:
     s = load_settings(str(root), "sysext")
     assert s.mutable == "auto"
     assert s.mutable_source == "sysext.conf"
-    assert s.image_policy == "root=signed"
+    assert s.image_policy == parse_policy("root=signed")
 
 
 def test_config_boolean_spelling(root: Path) -> None:
@@ -162,7 +163,7 @@ def test_cli_beats_config(root: Path) -> None:
     write(root, "etc/systemd/sysext.conf", "[SysExt]\nMutable=auto\nImagePolicy=root=signed\n")
     s = load_settings(str(root), "sysext", cli_mutable="no", image_policy="*")
     assert s.mutable == "no"
-    assert s.image_policy == "*"
+    assert s.image_policy == parse_policy("*")
 
 
 def test_image_policy_from_config_independent_of_mutable(root: Path,
@@ -171,7 +172,50 @@ def test_image_policy_from_config_independent_of_mutable(root: Path,
     monkeypatch.setenv("SYSTEMD_SYSEXT_MUTABLE_MODE", "yes")
     s = load_settings(str(root), "sysext")
     assert s.mutable == "yes"
-    assert s.image_policy == "root=signed"
+    assert s.image_policy == parse_policy("root=signed")
+
+
+# ImagePolicy= as systemd 262 parses it (each case observed with systemd-sysext 262 on a tree
+# with one unsigned squashfs image: merged or refused, and whether Mutable= still applied).
+
+def test_config_image_policy_is_parsed_gracefully(root: Path) -> None:
+    # Unknown flags and designators are skipped: "root=nonsense" leaves root with no flags,
+    # which means any protection (262 merged an unsigned image under it).
+    write(root, "etc/systemd/sysext.conf",
+          "[SysExt]\nMutable=auto\nImagePolicy=root=signed+bogus:bogus=verity\n")
+    s = load_settings(str(root), "sysext")
+    assert s.image_policy == parse_policy("root=signed")
+    assert s.mutable == "auto"
+    write(root, "etc/systemd/sysext.conf", "[SysExt]\nImagePolicy=root=nonsense\n")
+    assert load_settings(str(root), "sysext").image_policy == parse_policy("root=")
+
+
+def test_config_image_policy_empty_resets_to_the_default(root: Path) -> None:
+    write(root, "etc/systemd/sysext.conf", "[SysExt]\nImagePolicy=root=signed\n")
+    write(root, "etc/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nImagePolicy=\n")
+    assert load_settings(str(root), "sysext").image_policy is None
+
+
+@pytest.mark.parametrize("value", ["nonsense", "root=signed::", "root=signed:root=verity"])
+def test_config_image_policy_that_does_not_parse_drops_the_configuration(
+        root: Path, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # 262: "Failed to parse sysext config file, ignoring": Mutable= is not applied either,
+    # whether it comes before or after the bad line.
+    write(root, "etc/systemd/sysext.conf", f"[SysExt]\nMutable=yes\nImagePolicy={value}\n")
+    write(root, "etc/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nMutable=auto\n")
+    s = load_settings(str(root), "sysext")
+    assert s.image_policy is None
+    assert s.mutable == "no" and s.mutable_source == "default"
+    err = capsys.readouterr().err
+    assert value in err and "sysext.conf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_image_policy_is_strict(root: Path) -> None:
+    with pytest.raises(PolicyError) as e:
+        load_settings(str(root), "sysext", image_policy="root=nonsense")
+    assert "--image-policy=root=nonsense" in e.value.message
+    assert load_settings(str(root), "sysext", image_policy="-").image_policy == \
+        parse_policy("-")
 
 
 def test_bad_config_value_warns(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -211,7 +255,8 @@ def test_main_file_in_each_dir(root: Path, d: str) -> None:
 
 
 def test_main_file_first_dir_wins(root: Path) -> None:
-    write(root, "usr/lib/systemd/sysext.conf", "[SysExt]\nMutable=yes\nImagePolicy=x\n")
+    write(root, "usr/lib/systemd/sysext.conf",
+          "[SysExt]\nMutable=yes\nImagePolicy=root=verity\n")
     write(root, "run/systemd/sysext.conf", "[SysExt]\nMutable=import\n")
     write(root, "etc/systemd/sysext.conf", "[SysExt]\nMutable=auto\n")
     s = load_settings(str(root), "sysext")
@@ -220,11 +265,11 @@ def test_main_file_first_dir_wins(root: Path) -> None:
 
 
 def test_dropin_overrides_main_file(root: Path) -> None:
-    write(root, "etc/systemd/sysext.conf", "[SysExt]\nMutable=auto\nImagePolicy=a\n")
+    write(root, "etc/systemd/sysext.conf", "[SysExt]\nMutable=auto\nImagePolicy=usr=verity\n")
     write(root, "usr/lib/systemd/sysext.conf.d/10-x.conf", "[SysExt]\nMutable=import\n")
     s = load_settings(str(root), "sysext")
     assert s.mutable == "import"
-    assert s.image_policy == "a"
+    assert s.image_policy == parse_policy("usr=verity")
 
 
 def test_dropins_apply_in_file_name_order_across_dirs(root: Path) -> None:
@@ -235,10 +280,10 @@ def test_dropins_apply_in_file_name_order_across_dirs(root: Path) -> None:
 
 def test_dropin_in_etc_masks_same_name_in_usr_lib(root: Path) -> None:
     write(root, "usr/lib/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nMutable=yes\n")
-    write(root, "etc/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nImagePolicy=p\n")
+    write(root, "etc/systemd/sysext.conf.d/50-x.conf", "[SysExt]\nImagePolicy=root=signed\n")
     s = load_settings(str(root), "sysext")
     assert s.mutable == "no"
-    assert s.image_policy == "p"
+    assert s.image_policy == parse_policy("root=signed")
 
 
 def test_dropins_without_main_file(root: Path) -> None:
@@ -381,3 +426,43 @@ def test_class_constants() -> None:
         for d in c.search_dirs:
             assert not d.startswith(("/usr/lib/extensions", "/usr/local/lib/extensions",
                                      "/etc/confexts"))
+
+
+# ---------------------------------------------------------------------------------------------
+# [Cleanup] of overlayctl's confext.conf (docs/defaults.md, "cleanup")
+
+
+def test_cleanup_settings(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from overlayctl.settings import USER_DATABASE, load_cleanup
+    write(root, "usr/lib/overlayctl/confext.conf",
+          "[Cleanup]\nKeepDefaults=/etc/a /etc/b\nKeepDefaultsFile=/usr/share/no-whiteouts\n"
+          "KeepUserDatabase=yes\nIgnoreXattrs=security.selinux user.x\n")
+    write(root, "usr/share/no-whiteouts",
+          "# comment\n/etc/resolv.conf\n\n  /etc/a  \nrelative/path\n/etc//x/\n")
+    c = load_cleanup(str(root), "confext")
+    assert c.keep_defaults == ("/etc/a", "/etc/b")
+    assert c.keep_user_database is True
+    assert c.ignore_xattrs == frozenset({"security.selinux", "user.x"})
+    paths = c.keep_paths(str(root))
+    assert paths["/etc/a"] == "KeepDefaults"          # the first list names it first
+    assert paths["/etc/resolv.conf"] == "KeepDefaultsFile /usr/share/no-whiteouts"
+    assert paths["/etc/x"] == "KeepDefaultsFile /usr/share/no-whiteouts"
+    assert "relative/path" not in paths
+    assert all(paths[p] == "KeepUserDatabase" for p in USER_DATABASE)
+    assert "ignoring 'relative/path'" in capsys.readouterr().err
+
+
+def test_cleanup_settings_defaults_and_bad_values(root: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from overlayctl.settings import load_cleanup
+    c = load_cleanup(str(root), "confext")
+    assert (c.keep_defaults, c.keep_defaults_file, c.keep_user_database, c.ignore_xattrs) == (
+        (), None, False, frozenset())
+    assert c.keep_paths(str(root)) == {}
+    write(root, "etc/overlayctl/confext.conf",
+          "[Cleanup]\nKeepUserDatabase=perhaps\nKeepDefaultsFile=/missing\n")
+    c = load_cleanup(str(root), "confext")
+    assert c.keep_user_database is False and c.keep_paths(str(root)) == {}
+    err = capsys.readouterr().err
+    assert "ignoring KeepUserDatabase=perhaps" in err
+    assert "ignoring KeepDefaultsFile=/missing" in err

@@ -155,7 +155,8 @@ def test_get_info_and_interface_description(client: Client) -> None:
     assert info is not None and set(info) == {"parameters"}
     p = info["parameters"]
     assert list(p) == ["vendor", "product", "version", "url", "interfaces"]
-    assert p["interfaces"] == ["io.systemd", "io.systemd.sysext", "org.varlink.service"]
+    assert p["interfaces"] == ["io.systemd", "io.systemd.SysUpdate.Notify", "io.systemd.sysext",
+                               "org.varlink.service"]
     d = client.call("org.varlink.service.GetInterfaceDescription",
                     {"interface": "io.systemd.sysext"})
     assert d == {"parameters": {"description": IO_SYSTEMD_SYSEXT}}
