@@ -187,7 +187,9 @@ def stage_install() -> None:
     # nothing is merged now: boot 1's units must do it
     st = status_by_hierarchy()
     check("install: nothing merged before boot 1",
-          all(r.get("extensions") == "none" for r in st.values()), "")
+          st and all(r.get("merged") is False and r.get("extensions") == []
+                     for r in st.values()),
+          " ".join(f"{h}={r.get('extensions')}" for h, r in sorted(st.items())))
 
 
 # ------------------------------------------------------------------------------------ boot 1
