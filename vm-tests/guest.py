@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """The part of vm-tests that runs inside the guest (started by /payload/run).
 
-    guest.py install   boot 0, vm-init as PID 1: install overlayctl, its units and the
-                       test fixtures into the (persistent) root; merge nothing
+    guest.py install   boot 0, vm-init as PID 1: install overlayctl's Debian package, enable
+                       its units, add the test fixtures to the (persistent) root; merge
+                       nothing
     guest.py boot1     systemd as PID 1: the units merged everything at boot; check it,
                        write to /etc, switch /usr to an ephemeral upper and write to it
     guest.py boot2     systemd as PID 1: /etc writes persisted, ephemeral writes gone,
@@ -22,8 +23,15 @@ import sys
 import time
 
 P = "/payload"
-OL = "/usr/local/bin/overlayctl"
-LIB = "/usr/local/lib/overlayctl"
+OL = "/usr/bin/overlayctl"           # installed by the Debian package (payload/overlayctl_*.deb)
+UNIT_DIR = "/usr/lib/systemd/system"
+# the package's units and what each runs (ExecStart=, "-" = failure ignored, as in the unit)
+PACKAGE_UNITS = {
+    "overlayctl-confext.service": f"{OL} confext refresh",
+    "overlayctl-sysext.service": f"{OL} sysext refresh",
+    "overlayctl-sysext.socket": None,
+    "overlayctl-sysext@.service": f"-{OL}",
+}
 STATE = "/var/lib/vmtest"            # on the persistent root: results handed from boot to boot
 DEFAULTS = "/usr/share/vmtest/etc-defaults"
 failed = 0
@@ -132,18 +140,49 @@ def stage_install() -> None:
     osr = dict(line.split("=", 1) for line in (read("/usr/lib/os-release") or "").splitlines()
                if "=" in line)
     vid = osr.get("VERSION_ID", "").strip('"')
-    # the project: the package as copied into the payload, started by a launcher
-    shutil.rmtree(LIB, ignore_errors=True)
-    shutil.copytree(f"{P}/overlayctl", f"{LIB}/overlayctl",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    write(OL, f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, {LIB!r})\n"
-              "from overlayctl.cli import main\nsys.exit(main())\n", 0o755)
+    # the project: the Debian package built on the host (tools/build-deb.sh)
+    debs = sorted(n for n in os.listdir(P) if n.startswith("overlayctl_") and n.endswith(".deb"))
+    if not check("install: the payload holds one overlayctl .deb", len(debs) == 1, " ".join(debs)):
+        return
+    deb = f"{P}/{debs[0]}"
+    want_version = debs[0].split("_")[1]
+    rc, out = sh(f"dpkg -i {deb}")
+    _, status = sh("dpkg-query -W -f '${Status} ${Version}' overlayctl", show=False)
+    check("install: dpkg -i of the package, its dependencies met by the guest",
+          rc == 0 and status == f"install ok installed {want_version}", f"rc={rc} {status!r}")
+    check("install: dpkg -i printed no error or warning",
+          not any(w in out.lower() for w in ("error", "warning", "dependency problems")),
+          "")
+    _, audit = sh("dpkg --audit", show=False)
+    check("install: dpkg --audit is clean", audit == "", audit[:200])
+    check("install: /usr/bin/overlayctl from the package",
+          os.access(OL, os.X_OK) and OL in sh("dpkg -L overlayctl", show=False)[1].split("\n"))
     rc, out = ol("--version")
-    check("install: overlayctl runs in the guest", rc == 0 and out.startswith("overlayctl"), out)
-    rc, _ = sh(f"bash {P}/tools/install-units.sh {OL} /etc/systemd/system")
-    check("install: tools/install-units.sh", rc == 0)
-    unit = read("/etc/systemd/system/overlayctl-sysext.service") or ""
-    check("install: @OVERLAYCTL@ substituted", f"ExecStart={OL} sysext refresh" in unit)
+    check("install: overlayctl runs in the guest, the package's version",
+          rc == 0 and out == f"overlayctl {want_version}", out)
+    rc, out = sh("python3 -c 'import overlayctl; print(overlayctl.__file__)'")
+    check("install: the module is the package's (dist-packages)",
+          rc == 0 and out == "/usr/lib/python3/dist-packages/overlayctl/__init__.py", out)
+    for unit, run in PACKAGE_UNITS.items():
+        text = read(f"{UNIT_DIR}/{unit}")
+        execs = [line.split("=", 1)[1] for line in (text or "").splitlines()
+                 if line.startswith("ExecStart=")]
+        check(f"install: {UNIT_DIR}/{unit} from the package"
+              + (f", ExecStart={run}" if run else ""),
+              text is not None and "@OVERLAYCTL@" not in text
+              and (execs == [run] if run else "ListenStream=" in text),
+              f"ExecStart={execs}")
+    # for verity signatures, which the package may soon depend on: in the cached root already
+    rc, out = sh("python3 -c 'import cryptography, asn1crypto; "
+                 "print(cryptography.__version__, asn1crypto.__version__)'")
+    check("install: python3-cryptography and python3-asn1crypto are in the guest", rc == 0, out)
+    # installing enabled nothing: not the units, not their [Install] targets' wants
+    enabled_units = [u for u in PACKAGE_UNITS if "@" not in u]
+    rc, out = sh("systemctl is-enabled " + " ".join(enabled_units))
+    check("install: installing the package enabled nothing (systemctl is-enabled: disabled)",
+          out.split() == ["disabled"] * len(enabled_units), " ".join(out.split()))
+    _, links = sh("find /etc/systemd/system -lname '*overlayctl*'", show=False)
+    check("install: no symlink to an overlayctl unit in /etc/systemd/system", links == "", links)
 
     # sysext 'hello' (directory) with the binary that hello-ext.service runs at boot
     ext = "/var/lib/extensions/hello"
@@ -168,13 +207,15 @@ def stage_install() -> None:
     if not os.path.islink("/var/lib/extensions.mutable/etc"):
         os.symlink("/etc", "/var/lib/extensions.mutable/etc")
 
-    # enable offline (PID 1 is not systemd here), as a package's postinst would
+    # enable offline (PID 1 is not systemd here), as the admin does after installing
     rc, _ = sh("systemctl enable overlayctl-confext.service overlayctl-sysext.service "
                "hello-ext.service")
-    wants = sorted(os.listdir("/etc/systemd/system/sysinit.target.wants"))
-    check("install: units enabled (sysinit.target.wants)", rc == 0 and
-          {"overlayctl-confext.service", "overlayctl-sysext.service"} <= set(wants),
-          " ".join(w for w in wants if "overlayctl" in w))
+    wd = "/etc/systemd/system/sysinit.target.wants"
+    wants = {w: os.readlink(f"{wd}/{w}") for w in sorted(os.listdir(wd)) if "overlayctl" in w}
+    check("install: units enabled (sysinit.target.wants -> the package's units)", rc == 0 and
+          wants == {u: f"{UNIT_DIR}/{u}" for u in ("overlayctl-confext.service",
+                                                   "overlayctl-sysext.service")},
+          str(wants))
     # a machine id now, so that boot 1 is not systemd's "first boot"
     sh("systemd-machine-id-setup", quiet_ok=True)
     os.makedirs(STATE, exist_ok=True)

@@ -7,8 +7,8 @@
 # cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, systemd,
 # squashfs-tools, erofs-utils), then boots a writable copy of that root three times:
 #
-#   boot 0  vm-init   install overlayctl (this checkout's package), its units
-#                     (tools/install-units.sh + systemctl enable) and the fixtures
+#   boot 0  vm-init   install overlayctl's Debian package (tools/build-deb.sh, dpkg -i),
+#                     enable its units (systemctl enable) and add the fixtures
 #   boot 1  systemd   the units merge a sysext (directory + squashfs + erofs + GPT images)
 #                     and a confext over a defaults layer with the real /etc as upper;
 #                     hello-ext.service runs the sysext's binary; /etc is written;
@@ -108,6 +108,19 @@ done
 T_PREP=$(el "$t")
 say "VM parts ready in ${T_PREP}s (cache $CACHE)"
 
+# ------------------------------------------------------------------ the Debian package of this tree
+# tools/build-deb.sh builds it from the tree as it is (tracked and new files); the guests install
+# it with dpkg -i.
+t=$(now)
+rm -rf "$CACHE/deb"
+if ! DEB=$("$REPO/tools/build-deb.sh" "$CACHE/deb") || [ ! -f "$DEB" ]; then
+    echo "vm-tests: FAILED: tools/build-deb.sh could not build the Debian package" >&2
+    echo "0 passed, 1 failed"
+    exit 3
+fi
+T_DEB=$(el "$t")
+say "Debian package $DEB built in ${T_DEB}s"
+
 run_sequence() {  # run_sequence KERNEL_SUITE: boots 0, 1, host step, 2 on a fresh copy of the root
 KS=$1
 RUN=$CACHE/run-$KS
@@ -122,11 +135,7 @@ mkdir -p "$RUN/payload/images" "$RUN/src"
 # a writable copy of the pristine root: it persists across the boots of this run only
 cp --sparse=always "${ROOT_OF[$KS]}" "$RUN/root.ext4"
 PL=$RUN/payload
-cp -a "$REPO/overlayctl" "$PL/overlayctl"
-find "$PL/overlayctl" -name __pycache__ -prune -exec rm -rf {} +
-mkdir -p "$PL/tools"
-cp -a "$REPO/units" "$PL/units"
-cp -a "$REPO/tools/install-units.sh" "$PL/tools/"
+cp "$DEB" "$PL/"
 cp "$HERE/guest.py" "$PL/guest.py"
 printf '#!/bin/sh\nexec python3 /payload/guest.py "$(cat /payload/stage)"\n' >"$PL/run"
 chmod +x "$PL/run" "$PL/guest.py"
@@ -288,7 +297,7 @@ done
 echo
 echo "=================== summary"
 for b in "${ALL_TIMES[@]}"; do echo "  $b"; done
-echo "  VM preparation: ${T_PREP}s; sequences: $PARALLEL at once; whole run: $(el "$T_START")s; logs in $CACHE/run-*/ and $CACHE/console-*.log"
+echo "  VM preparation: ${T_PREP}s; Debian package: ${T_DEB}s; sequences: $PARALLEL at once; whole run: $(el "$T_START")s; logs in $CACHE/run-*/ and $CACHE/console-*.log"
 for n in "${ALL_RETRIED[@]}"; do echo "  RETRIED (guest kernel crash before the payload): $n"; done
 for n in "${ALL_FAILED[@]}"; do echo "  FAILED: $n"; done
 echo "$TOTAL_PASS passed, $TOTAL_FAIL failed"

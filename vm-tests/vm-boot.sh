@@ -2,7 +2,10 @@
 # vm-boot.sh DIR [PAYLOAD_DIR]
 #
 # overlayctl's copy of ../shared/reference/vm-boot.sh, adapted for vm-tests/run.sh:
-#   * python3-psutil is in the root (overlayctl depends on it);
+#   * python3-psutil is in the root (overlayctl depends on it), and python3-cryptography and
+#     python3-asn1crypto (for verity signatures, which the package may soon depend on), with
+#     python3-cffi-backend named: python3-cryptography depends on the virtual packages
+#     python3-cffi-backend-api-min/-max, which debootstrap does not resolve;
 #   * ROOT_DISK=FILE boots a writable copy of the root image (no snapshot=on), so the
 #     guest's /etc, /usr and /var persist from one boot to the next, as on a real machine;
 #   * RUN_DIR=DIR keeps payload.ext4, persist.ext4 and the boot logs out of the cache;
@@ -72,7 +75,7 @@ MEM=${MEM:-1024}
 TIMEOUT=${TIMEOUT:-300}
 TCG_THREAD=${TCG_THREAD:-single}
 APPEND=${APPEND:-}
-PKGS=python3,kmod,util-linux,mount,e2fsprogs,squashfs-tools,erofs-utils,systemd,python3-psutil${EXTRA_PKGS:+,$EXTRA_PKGS}
+PKGS=python3,kmod,util-linux,mount,e2fsprogs,squashfs-tools,erofs-utils,systemd,python3-psutil,python3-cryptography,python3-cffi-backend,python3-asn1crypto${EXTRA_PKGS:+,$EXTRA_PKGS}
 mkdir -p "$DIR"
 DIR=$(realpath "$DIR")
 SELF=$(realpath "$0")
