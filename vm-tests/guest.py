@@ -420,6 +420,114 @@ def refresh_under_reader(boot: str, cls: str, files: list[str], rounds: int,
           f"{res.get('loops')} loops, {res.get('bad')} misses")
 
 
+# ------------------------------------------------------------------ EXTENSION_RELOAD_MANAGER
+
+RELOAD_EXT = "/run/extensions/vmtest-reload"
+RELOAD_UNIT = "vmtest-ext.service"
+RELOAD_MARKER = "/run/vmtest-ext.marker"
+RELOAD_UNIT_TEXT = """[Unit]
+Description=Shipped by the system extension vmtest-reload (EXTENSION_RELOAD_MANAGER=1)
+
+[Service]
+Type=oneshot
+# active after it ran: the manager keeps it loaded (not garbage-collected) until it is stopped
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'echo "vmtest-ext ran, boot_id=$$(cat /proc/sys/kernel/random/boot_id)" > /run/vmtest-ext.marker'
+"""
+
+
+def manager_reloads() -> int:
+    """How often the service manager was reloaded in this boot (its own journal lines)."""
+    subprocess.run(["journalctl", "--sync"], capture_output=True)
+    r = subprocess.run(["journalctl", "-b", "_PID=1", "-o", "cat", "--no-pager"],
+                       capture_output=True, text=True)
+    return sum(1 for line in r.stdout.splitlines() if line.startswith("Reloading finished"))
+
+
+def ext_unit() -> dict[str, str]:
+    return unit_prop(RELOAD_UNIT, "LoadState", "ActiveState", "NeedDaemonReload", "FragmentPath")
+
+
+def ol_reloads(args: str) -> tuple[int, int]:
+    """Run overlayctl ARGS; how often did the service manager reload meanwhile?"""
+    before = manager_reloads()
+    rc, _ = ol(args)
+    n = manager_reloads() - before
+    say(f"  (service manager reloads during the call: {n})")
+    return rc, n
+
+
+def ext_unit_runs(boot: str, what: str, rc: int, reloads: int) -> None:
+    u = ext_unit()
+    if os.path.exists(RELOAD_MARKER):
+        os.unlink(RELOAD_MARKER)
+    rc2, _ = sh(f"systemctl start {RELOAD_UNIT}")
+    got = (read(RELOAD_MARKER) or "").strip()
+    check(f"{boot}: reload: '{what}' with an EXTENSION_RELOAD_MANAGER=1 extension reloaded "
+          "the service manager once", rc == 0 and reloads == 1, f"rc={rc} reloads={reloads}")
+    check(f"{boot}: reload: after '{what}' the extension's {RELOAD_UNIT} is known and starts",
+          u.get("LoadState") == "loaded"
+          and u.get("FragmentPath") == f"/usr/lib/systemd/system/{RELOAD_UNIT}"
+          and rc2 == 0 and got == f"vmtest-ext ran, boot_id={boot_id()}",
+          f"{u} start rc={rc2} marker={got!r}")
+
+
+def reload_manager(boot: str) -> None:
+    """EXTENSION_RELOAD_MANAGER=1 (engine._daemon_reload, only with root=/ and systemd as PID 1):
+    a sysext that ships a unit; merge, refresh and unmerge reload the service manager, so the
+    unit comes and goes. The controls with --no-reload show that the checks see a missing
+    reload: the unit, active, stays loaded with its file gone."""
+    if read("/usr/bin/hello-ext") is None:
+        check(f"{boot}: reload: EXTENSION_RELOAD_MANAGER", False, "not run: nothing merged")
+        return
+    u = ext_unit()
+    check(f"{boot}: reload: {RELOAD_UNIT} unknown before its extension is merged",
+          u.get("LoadState") == "not-found", str(u))
+    write(f"{RELOAD_EXT}/usr/lib/extension-release.d/extension-release.vmtest-reload",
+          "ID=_any\nEXTENSION_RELOAD_MANAGER=1\n")
+    write(f"{RELOAD_EXT}/usr/lib/systemd/system/{RELOAD_UNIT}", RELOAD_UNIT_TEXT)
+    # /usr is merged by the unit at boot: a refresh adds the extension
+    rc, n = ol_reloads("sysext refresh")
+    ext_unit_runs(boot, "sysext refresh", rc, n)
+    rc, n = ol_reloads("sysext unmerge")
+    u = ext_unit()
+    rc2, _ = sh(f"systemctl cat {RELOAD_UNIT}")
+    check(f"{boot}: reload: 'sysext unmerge' reloaded the service manager once and "
+          f"{RELOAD_UNIT} is gone (not-found, systemctl cat fails)",
+          rc == 0 and n == 1 and u.get("LoadState") == "not-found" and rc2 != 0,
+          f"rc={rc} reloads={n} {u} systemctl cat rc={rc2}")
+    sh(f"systemctl stop {RELOAD_UNIT}", quiet_ok=True)
+    rc, n = ol_reloads("sysext merge")
+    ext_unit_runs(boot, "sysext merge", rc, n)
+    # controls: --no-reload leaves the manager as it was
+    rc, n = ol_reloads("sysext unmerge --no-reload")
+    u = ext_unit()
+    check(f"{boot}: reload: control: 'sysext unmerge --no-reload' did not reload: the unit "
+          "stays loaded, its file gone (NeedDaemonReload=yes)",
+          rc == 0 and n == 0 and u.get("LoadState") == "loaded"
+          and u.get("NeedDaemonReload") == "yes", f"rc={rc} reloads={n} {u}")
+    before = manager_reloads()
+    sh("systemctl daemon-reload")
+    n = manager_reloads() - before
+    u = ext_unit()
+    check(f"{boot}: reload: control: a daemon-reload by hand is counted, and the unit is gone",
+          n == 1 and u.get("LoadState") == "not-found", f"reloads={n} {u}")
+    sh(f"systemctl stop {RELOAD_UNIT}", quiet_ok=True)
+    rc, n = ol_reloads("sysext merge --no-reload")
+    check(f"{boot}: reload: control: 'sysext merge --no-reload' did not reload",
+          rc == 0 and n == 0, f"rc={rc} reloads={n}")
+    # back to the boot's merge: the extension removed by a refresh (which judges by what it
+    # merges, as upstream does: nothing asks for a reload then)
+    shutil.rmtree(RELOAD_EXT)
+    rc, n = ol_reloads("sysext refresh")
+    say(f"  refresh that removed the extension: rc={rc}, reloads={n}")
+    sh("systemctl daemon-reload")
+    st = status_by_hierarchy().get("/usr", {})
+    check(f"{boot}: reload: /usr merged as at boot again, {RELOAD_UNIT} gone",
+          rc == 0 and st.get("extensions") == ["erofsext", "gptext", "hello", "sqext"]
+          and ext_unit().get("LoadState") == "not-found", str(st.get("extensions")))
+
+
 def stage_boot2() -> None:
     units_merged_at_boot("boot2")
     prev = (read(f"{STATE}/boot1.boot_id") or "").strip()
@@ -467,6 +575,7 @@ def stage_boot2() -> None:
           and st.get("/etc", {}).get("mutable") == "yes",
           f"/usr {st.get('/usr', {}).get('extensions')}, /etc {st.get('/etc', {}).get('extensions')}")
     sh("losetup -l -O NAME,BACK-FILE")
+    reload_manager("boot2")
 
 
 def main() -> int:
