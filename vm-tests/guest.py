@@ -209,13 +209,19 @@ def stage_install() -> None:
 
     # enable offline (PID 1 is not systemd here), as the admin does after installing
     rc, _ = sh("systemctl enable overlayctl-confext.service overlayctl-sysext.service "
-               "hello-ext.service")
+               "overlayctl-sysext.socket hello-ext.service")
     wd = "/etc/systemd/system/sysinit.target.wants"
     wants = {w: os.readlink(f"{wd}/{w}") for w in sorted(os.listdir(wd)) if "overlayctl" in w}
     check("install: units enabled (sysinit.target.wants -> the package's units)", rc == 0 and
           wants == {u: f"{UNIT_DIR}/{u}" for u in ("overlayctl-confext.service",
                                                    "overlayctl-sysext.service")},
           str(wants))
+    sock = "/etc/systemd/system/sockets.target.wants/overlayctl-sysext.socket"
+    check("install: overlayctl-sysext.socket enabled (sockets.target.wants), systemd's "
+          "systemd-sysext.socket enabled as shipped",
+          os.path.islink(sock) and os.readlink(sock) == f"{UNIT_DIR}/overlayctl-sysext.socket"
+          and os.path.islink(f"{UNIT_DIR}/sockets.target.wants/systemd-sysext.socket"),
+          os.readlink(sock) if os.path.islink(sock) else "no link")
     # a machine id now, so that boot 1 is not systemd's "first boot"
     sh("systemd-machine-id-setup", quiet_ok=True)
     os.makedirs(STATE, exist_ok=True)
@@ -304,9 +310,124 @@ def diagnose_unmerged() -> None:
     sh("dmesg | grep -i overlay | tail -2")
 
 
+# ------------------------------------------------------------------ varlink, socket unit
+
+VARLINK = "unix:/run/systemd/io.systemd.sysext"
+SOCKETS = ("overlayctl-sysext.socket", "systemd-sysext.socket")
+
+
+def socket_states() -> dict[str, dict[str, str]]:
+    return {u: unit_prop(u, "LoadState", "UnitFileState", "ActiveState", "SubState")
+            for u in SOCKETS}
+
+
+def varlink(method: str, params: str = "{}", more: bool = False,
+            user: str = "") -> tuple[int, list[object], str]:
+    """varlinkctl call (trixie's) on the socket: rc, the replies (JSON), the output."""
+    prefix = f"setpriv --reuid={user} --regid={user} --clear-groups " if user else ""
+    rc, out = sh(f"{prefix}varlinkctl call --json=short {'--more ' if more else ''}"
+                 f"{VARLINK} {method} '{params}'")
+    replies: list[object] = []
+    for line in out.splitlines():
+        try:
+            replies.append(json.loads(line))
+        except ValueError:
+            pass
+    return rc, replies, out
+
+
+def vendor() -> str:
+    _, replies, _ = varlink("org.varlink.service.GetInfo")
+    r = replies[0] if replies and isinstance(replies[0], dict) else {}
+    return f"{r.get('vendor')} / {r.get('product')}"
+
+
+def listening(boot: str, what: str, want: str) -> None:
+    """Exactly one of the two conflicting sockets is active, WANT, and the service behind the
+    path is that tool's (org.varlink.service.GetInfo)."""
+    st = socket_states()
+    active = [u for u, p in st.items() if p.get("ActiveState") == "active"]
+    who = vendor()
+    ours = want.startswith("overlayctl")
+    check(f"{boot}: varlink: {what}: {want} listens on /run/systemd/io.systemd.sysext, "
+          "the other socket is inactive",
+          active == [want] and st[want].get("SubState") == "listening"
+          and (who.startswith("overlayctl /") if ours else not who.startswith("overlayctl")
+               and who != "None / None"),
+          f"active: {active}; GetInfo: {who}")
+
+
+def sockets_conflict(boot: str) -> None:
+    """overlayctl-sysext.socket (enabled by the admin) and systemd-sysext.socket (enabled
+    statically, as the systemd package ships it) both want /run/systemd/io.systemd.sysext.
+    Ours has Conflicts=systemd-sysext.socket: it wins at boot (the stop job it pulls in matters
+    more than the other's start, wanted by sockets.target), and starting one stops the other."""
+    for u, p in socket_states().items():
+        say(f"  {u}: {p}")
+    listening(boot, "at boot, both enabled", "overlayctl-sysext.socket")
+    sh("systemctl start systemd-sysext.socket")
+    listening(boot, "after 'systemctl start systemd-sysext.socket'", "systemd-sysext.socket")
+    sh("systemctl start overlayctl-sysext.socket")
+    listening(boot, "after 'systemctl start overlayctl-sysext.socket'", "overlayctl-sysext.socket")
+
+
+def varlink_socket(boot: str) -> None:
+    """io.systemd.sysext through overlayctl-sysext.socket (Accept=yes: one
+    overlayctl-sysext@.service per connection), called with trixie's varlinkctl."""
+    listening(boot, "at boot, both enabled", "overlayctl-sysext.socket")
+    # List, both classes: the same images as the command line lists
+    for cls, want in (("sysext", {"erofsext", "gptext", "hello", "sqext"}), ("confext", {"vmconf"})):
+        rc, replies, _ = varlink("io.systemd.sysext.List", f'{{"class":"{cls}"}}', more=True)
+        names = {r.get("Name") for r in replies if isinstance(r, dict)}
+        cli = ol_json(f"{cls} list --json=short") or []
+        cli_names = {r["name"] for r in cli} if isinstance(cli, list) else set()
+        check(f"{boot}: varlink: List --more ({cls}) replies one record per image, as "
+              f"'overlayctl {cls} list'",
+              rc == 0 and names == want == cli_names and len(replies) == len(want)
+              and all(isinstance(r, dict) and r.get("Class") == cls for r in replies),
+              f"rc={rc} {sorted(n for n in names if n)}")
+    # Merge: unmerged by the command line, merged through the socket
+    rc1, _ = ol("sysext unmerge")
+    gone = read("/usr/bin/hello-ext") is None
+    rc, replies, out = varlink("io.systemd.sysext.Merge")
+    usr = status_by_hierarchy().get("/usr", {})
+    rc3, out3 = sh("/usr/bin/hello-ext")
+    # varlinkctl prints nothing for a reply without parameters
+    check(f"{boot}: varlink: Merge through the socket merged /usr (reply {{}})",
+          rc1 == 0 and gone and rc == 0 and replies in ([], [{}])
+          and usr.get("extensions") == ["erofsext", "gptext", "hello", "sqext"] and rc3 == 0,
+          f"rc={rc} replies={replies} /usr {usr.get('extensions')} hello-ext rc={rc3}")
+    rc, _, out = varlink("io.systemd.sysext.Merge")
+    check(f"{boot}: varlink: a second Merge: io.systemd.sysext.AlreadyMerged",
+          rc != 0 and "io.systemd.sysext.AlreadyMerged" in out, f"rc={rc}")
+    # Refresh with a new extension, and without it
+    ext = "/var/lib/extensions/vlflip"
+    write(f"{ext}/usr/lib/extension-release.d/extension-release.vlflip", "ID=_any\n")
+    write(f"{ext}/usr/share/vmtest/vlflip.txt", "from vlflip\n")
+    rc, replies, _ = varlink("io.systemd.sysext.Refresh")
+    got = read("/usr/share/vmtest/vlflip.txt")
+    shutil.rmtree(ext)
+    rc2, replies2, _ = varlink("io.systemd.sysext.Refresh")
+    check(f"{boot}: varlink: Refresh through the socket adds an extension, and removes it",
+          rc == 0 and replies in ([], [{}]) and got == "from vlflip\n" and rc2 == 0
+          and replies2 in ([], [{}]) and not os.path.exists("/usr/share/vmtest/vlflip.txt"),
+          f"rc={rc}/{rc2} vlflip.txt={got!r}")
+    # the socket is 0666: anyone may List, only root may change the merge
+    rc, replies, _ = varlink("io.systemd.sysext.List", more=True, user="65534")
+    rc2, _, out2 = varlink("io.systemd.sysext.Unmerge", user="65534")
+    check(f"{boot}: varlink: an unprivileged user may List, and gets PermissionDenied for "
+          "Unmerge", rc == 0 and len(replies) == 4 and rc2 != 0
+          and "org.varlink.service.PermissionDenied" in out2
+          and read("/usr/bin/hello-ext") is not None, f"List rc={rc} Unmerge rc={rc2}")
+    _, out = sh("journalctl -b -o cat --no-pager -u 'overlayctl-sysext@*.service'")
+    check(f"{boot}: varlink: the calls ran in socket-activated overlayctl-sysext@.service "
+          "instances", "Merged extensions into '/usr'." in out, "")
+
+
 def stage_boot1() -> None:
     units_merged_at_boot("boot1")
     diagnose_unmerged()
+    sockets_conflict("boot1")
     write(f"{STATE}/boot1.boot_id", boot_id())
     # the confext over the defaults layer
     check("boot1: /etc/vmtest/from-confext.conf from the confext",
@@ -576,6 +697,7 @@ def stage_boot2() -> None:
           f"/usr {st.get('/usr', {}).get('extensions')}, /etc {st.get('/etc', {}).get('extensions')}")
     sh("losetup -l -O NAME,BACK-FILE")
     reload_manager("boot2")
+    varlink_socket("boot2")
 
 
 def main() -> int:

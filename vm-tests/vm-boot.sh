@@ -16,6 +16,7 @@
 #   * TCG runs both vCPUs in one host thread (TCG_THREAD=single, see below) and the kernel
 #     panics on any oops (oops=panic), so that a crashed guest ends the VM at once;
 #   * APPEND=... is added to the kernel command line;
+#   * INIT=systemd boots vm-test.target: sysinit.target, sockets.target and the payload;
 #   * only the root is NVMe (the nvme driver probes asynchronously, so with three NVMe disks
 #     nvme0n1 was sometimes not the root); persist and payload are virtio-blk (a module,
 #     loaded by vm-run-payload).
@@ -239,7 +240,8 @@ EOF
     cat >"$G/etc/systemd/system/vm-test.service" <<'EOF'
 [Unit]
 Description=VM test payload
-After=local-fs.target
+After=local-fs.target sockets.target
+Wants=sockets.target
 SuccessAction=poweroff-force
 FailureAction=poweroff-force
 [Service]
