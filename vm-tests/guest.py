@@ -128,7 +128,7 @@ Before=vm-test.service
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'mkdir -p /var/lib/vmtest && /usr/bin/hello-ext > /var/lib/vmtest/hello-ext.out'
+ExecStart=/bin/sh -c 'mkdir -p /var/lib/vmtest && /usr/bin/hello-ext >/var/lib/vmtest/hello-ext.out'
 
 [Install]
 WantedBy=vm-test.target multi-user.target
@@ -302,11 +302,11 @@ def diagnose_unmerged() -> None:
         return
     say("DIAGNOSIS: nothing is merged; kernel messages and a try with OVERLAYCTL_LEGACY_MOUNT=1:")
     sh("dmesg | grep -i overlay | tail -4")
-    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} sysext merge --no-reload && cat /usr/share/vmtest/squashfs.txt"
-       f" && {OL} sysext unmerge")
+    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} sysext merge --no-reload"
+       f" && cat /usr/share/vmtest/squashfs.txt && {OL} sysext unmerge")
     sh("dmesg | grep -i overlay | tail -2")
-    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} confext merge --no-reload && cat /etc/vmtest/from-confext.conf"
-       f" && {OL} confext unmerge")
+    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} confext merge --no-reload"
+       f" && cat /etc/vmtest/from-confext.conf && {OL} confext unmerge")
     sh("dmesg | grep -i overlay | tail -2")
 
 
@@ -376,7 +376,8 @@ def varlink_socket(boot: str) -> None:
     overlayctl-sysext@.service per connection), called with trixie's varlinkctl."""
     listening(boot, "at boot, both enabled", "overlayctl-sysext.socket")
     # List, both classes: the same images as the command line lists
-    for cls, want in (("sysext", {"erofsext", "gptext", "hello", "sqext"}), ("confext", {"vmconf"})):
+    for cls, want in (("sysext", {"erofsext", "gptext", "hello", "sqext"}),
+                      ("confext", {"vmconf"})):
         rc, replies, _ = varlink("io.systemd.sysext.List", f'{{"class":"{cls}"}}', more=True)
         names = {r.get("Name") for r in replies if isinstance(r, dict)}
         cli = ol_json(f"{cls} list --json=short") or []
@@ -391,7 +392,7 @@ def varlink_socket(boot: str) -> None:
     gone = read("/usr/bin/hello-ext") is None
     rc, replies, out = varlink("io.systemd.sysext.Merge")
     usr = status_by_hierarchy().get("/usr", {})
-    rc3, out3 = sh("/usr/bin/hello-ext")
+    rc3, _ = sh("/usr/bin/hello-ext")
     # varlinkctl prints nothing for a reply without parameters
     check(f"{boot}: varlink: Merge through the socket merged /usr (reply {{}})",
           rc1 == 0 and gone and rc == 0 and replies in ([], [{}])
@@ -457,7 +458,7 @@ def stage_boot1() -> None:
     write("/usr/share/vmtest/ephemeral.txt", "written to the ephemeral /usr in boot 1\n")
     os.makedirs("/usr/local/share/vmtest-ephemeral", exist_ok=True)
     st = status_by_hierarchy().get("/usr", {})
-    rc3, out = sh("/usr/bin/hello-ext")
+    rc3, _ = sh("/usr/bin/hello-ext")
     check("boot1: /usr re-merged with --mutable=ephemeral and written to",
           rc1 == 0 and rc2 == 0 and st.get("mutable") == "ephemeral"
           and read("/usr/share/vmtest/ephemeral.txt") is not None and rc3 == 0,
@@ -553,7 +554,8 @@ Description=Shipped by the system extension vmtest-reload (EXTENSION_RELOAD_MANA
 Type=oneshot
 # active after it ran: the manager keeps it loaded (not garbage-collected) until it is stopped
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'echo "vmtest-ext ran, boot_id=$$(cat /proc/sys/kernel/random/boot_id)" > /run/vmtest-ext.marker'
+ExecStart=/bin/sh -c 'echo "vmtest-ext ran, boot_id=$$(cat /proc/sys/kernel/random/boot_id)" \
+    >/run/vmtest-ext.marker'
 """
 
 
@@ -694,7 +696,8 @@ def stage_boot2() -> None:
           st.get("/usr", {}).get("extensions") == ["erofsext", "gptext", "hello", "sqext"]
           and st.get("/etc", {}).get("extensions") == ["vmconf"]
           and st.get("/etc", {}).get("mutable") == "yes",
-          f"/usr {st.get('/usr', {}).get('extensions')}, /etc {st.get('/etc', {}).get('extensions')}")
+          f"/usr {st.get('/usr', {}).get('extensions')}, "
+          f"/etc {st.get('/etc', {}).get('extensions')}")
     sh("losetup -l -O NAME,BACK-FILE")
     reload_manager("boot2")
     varlink_socket("boot2")

@@ -4,21 +4,29 @@
 #   sudo vm-tests/run.sh
 #
 # Builds or reuses (cache: $OVERLAYCTL_VM_CACHE, default /var/cache/overlayctl-vm) a Debian
-# cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, systemd,
-# squashfs-tools, erofs-utils), then boots a writable copy of that root three times:
+# cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, python3-cryptography,
+# python3-asn1crypto, systemd, squashfs-tools, erofs-utils), builds this tree's Debian package
+# (tools/build-deb.sh), then boots a writable copy of that root three times:
 #
-#   boot 0  vm-init   install overlayctl's Debian package (tools/build-deb.sh, dpkg -i),
-#                     enable its units (systemctl enable) and add the fixtures
+#   boot 0  vm-init   install overlayctl's Debian package (dpkg -i): its files, its units,
+#                     nothing enabled; enable the units (systemctl enable, the socket too)
+#                     and add the fixtures
 #   boot 1  systemd   the units merge a sysext (directory + squashfs + erofs + GPT images)
 #                     and a confext over a defaults layer with the real /etc as upper;
-#                     hello-ext.service runs the sysext's binary; /etc is written;
+#                     hello-ext.service runs the sysext's binary; /etc is written; ours of
+#                     the two conflicting io.systemd.sysext sockets listens;
 #                     /usr is re-merged --mutable=ephemeral and written
 #   (host)            checks the root on disk, then "updates the OS": changes two defaults
 #   boot 2  systemd   /etc writes kept, ephemeral /usr writes gone, diff reports
-#                     default_changed; 20 sysext and 10 confext refreshes under a reader loop
+#                     default_changed; 20 sysext and 10 confext refreshes under a reader loop;
+#                     EXTENSION_RELOAD_MANAGER=1 (a sysext's unit comes and goes);
+#                     io.systemd.sysext through overlayctl-sysext.socket with varlinkctl
 #
 # The sequence runs once per guest kernel in $OVERLAYCTL_VM_KERNELS (default "trixie
-# trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports).
+# trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports), the
+# kernels side by side ($OVERLAYCTL_VM_PARALLEL, default: the host's cores). A boot whose guest
+# kernel crashed before the payload started is retried once, loudly, from the disks as they were
+# before it (OVERLAYCTL_VM_INJECT_PANIC=STAGE simulates that).
 #
 # Prints every boot's console (lines "guest| ..."), its duration, and "N passed, N failed".
 # Exit status 0 only when everything passed. The first run needs Debian's package mirror ($MIRROR,
