@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """The part of vm-tests that runs inside the guest (started by /payload/run).
 
-    guest.py install   boot 0, vm-init as PID 1: install overlayctl, its units and the
-                       test fixtures into the (persistent) root; merge nothing
+    guest.py install   boot 0, vm-init as PID 1: install overlayctl's Debian package, enable
+                       its units, add the test fixtures to the (persistent) root; merge
+                       nothing
     guest.py boot1     systemd as PID 1: the units merged everything at boot; check it,
                        write to /etc, switch /usr to an ephemeral upper and write to it
     guest.py boot2     systemd as PID 1: /etc writes persisted, ephemeral writes gone,
@@ -22,8 +23,15 @@ import sys
 import time
 
 P = "/payload"
-OL = "/usr/local/bin/overlayctl"
-LIB = "/usr/local/lib/overlayctl"
+OL = "/usr/bin/overlayctl"           # installed by the Debian package (payload/overlayctl_*.deb)
+UNIT_DIR = "/usr/lib/systemd/system"
+# the package's units and what each runs (ExecStart=, "-" = failure ignored, as in the unit)
+PACKAGE_UNITS = {
+    "overlayctl-confext.service": f"{OL} confext refresh",
+    "overlayctl-sysext.service": f"{OL} sysext refresh",
+    "overlayctl-sysext.socket": None,
+    "overlayctl-sysext@.service": f"-{OL}",
+}
 STATE = "/var/lib/vmtest"            # on the persistent root: results handed from boot to boot
 DEFAULTS = "/usr/share/vmtest/etc-defaults"
 failed = 0
@@ -120,7 +128,7 @@ Before=vm-test.service
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'mkdir -p /var/lib/vmtest && /usr/bin/hello-ext > /var/lib/vmtest/hello-ext.out'
+ExecStart=/bin/sh -c 'mkdir -p /var/lib/vmtest && /usr/bin/hello-ext >/var/lib/vmtest/hello-ext.out'
 
 [Install]
 WantedBy=vm-test.target multi-user.target
@@ -132,18 +140,49 @@ def stage_install() -> None:
     osr = dict(line.split("=", 1) for line in (read("/usr/lib/os-release") or "").splitlines()
                if "=" in line)
     vid = osr.get("VERSION_ID", "").strip('"')
-    # the project: the package as copied into the payload, started by a launcher
-    shutil.rmtree(LIB, ignore_errors=True)
-    shutil.copytree(f"{P}/overlayctl", f"{LIB}/overlayctl",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    write(OL, f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, {LIB!r})\n"
-              "from overlayctl.cli import main\nsys.exit(main())\n", 0o755)
+    # the project: the Debian package built on the host (tools/build-deb.sh)
+    debs = sorted(n for n in os.listdir(P) if n.startswith("overlayctl_") and n.endswith(".deb"))
+    if not check("install: the payload holds one overlayctl .deb", len(debs) == 1, " ".join(debs)):
+        return
+    deb = f"{P}/{debs[0]}"
+    want_version = debs[0].split("_")[1]
+    rc, out = sh(f"dpkg -i {deb}")
+    _, status = sh("dpkg-query -W -f '${Status} ${Version}' overlayctl", show=False)
+    check("install: dpkg -i of the package, its dependencies met by the guest",
+          rc == 0 and status == f"install ok installed {want_version}", f"rc={rc} {status!r}")
+    check("install: dpkg -i printed no error or warning",
+          not any(w in out.lower() for w in ("error", "warning", "dependency problems")),
+          "")
+    _, audit = sh("dpkg --audit", show=False)
+    check("install: dpkg --audit is clean", audit == "", audit[:200])
+    check("install: /usr/bin/overlayctl from the package",
+          os.access(OL, os.X_OK) and OL in sh("dpkg -L overlayctl", show=False)[1].split("\n"))
     rc, out = ol("--version")
-    check("install: overlayctl runs in the guest", rc == 0 and out.startswith("overlayctl"), out)
-    rc, _ = sh(f"bash {P}/tools/install-units.sh {OL} /etc/systemd/system")
-    check("install: tools/install-units.sh", rc == 0)
-    unit = read("/etc/systemd/system/overlayctl-sysext.service") or ""
-    check("install: @OVERLAYCTL@ substituted", f"ExecStart={OL} sysext refresh" in unit)
+    check("install: overlayctl runs in the guest, the package's version",
+          rc == 0 and out == f"overlayctl {want_version}", out)
+    rc, out = sh("python3 -c 'import overlayctl; print(overlayctl.__file__)'")
+    check("install: the module is the package's (dist-packages)",
+          rc == 0 and out == "/usr/lib/python3/dist-packages/overlayctl/__init__.py", out)
+    for unit, run in PACKAGE_UNITS.items():
+        text = read(f"{UNIT_DIR}/{unit}")
+        execs = [line.split("=", 1)[1] for line in (text or "").splitlines()
+                 if line.startswith("ExecStart=")]
+        check(f"install: {UNIT_DIR}/{unit} from the package"
+              + (f", ExecStart={run}" if run else ""),
+              text is not None and "@OVERLAYCTL@" not in text
+              and (execs == [run] if run else "ListenStream=" in text),
+              f"ExecStart={execs}")
+    # for verity signatures, which the package may soon depend on: in the cached root already
+    rc, out = sh("python3 -c 'import cryptography, asn1crypto; "
+                 "print(cryptography.__version__, asn1crypto.__version__)'")
+    check("install: python3-cryptography and python3-asn1crypto are in the guest", rc == 0, out)
+    # installing enabled nothing: not the units, not their [Install] targets' wants
+    enabled_units = [u for u in PACKAGE_UNITS if "@" not in u]
+    rc, out = sh("systemctl is-enabled " + " ".join(enabled_units))
+    check("install: installing the package enabled nothing (systemctl is-enabled: disabled)",
+          out.split() == ["disabled"] * len(enabled_units), " ".join(out.split()))
+    _, links = sh("find /etc/systemd/system -lname '*overlayctl*'", show=False)
+    check("install: no symlink to an overlayctl unit in /etc/systemd/system", links == "", links)
 
     # sysext 'hello' (directory) with the binary that hello-ext.service runs at boot
     ext = "/var/lib/extensions/hello"
@@ -168,13 +207,21 @@ def stage_install() -> None:
     if not os.path.islink("/var/lib/extensions.mutable/etc"):
         os.symlink("/etc", "/var/lib/extensions.mutable/etc")
 
-    # enable offline (PID 1 is not systemd here), as a package's postinst would
+    # enable offline (PID 1 is not systemd here), as the admin does after installing
     rc, _ = sh("systemctl enable overlayctl-confext.service overlayctl-sysext.service "
-               "hello-ext.service")
-    wants = sorted(os.listdir("/etc/systemd/system/sysinit.target.wants"))
-    check("install: units enabled (sysinit.target.wants)", rc == 0 and
-          {"overlayctl-confext.service", "overlayctl-sysext.service"} <= set(wants),
-          " ".join(w for w in wants if "overlayctl" in w))
+               "overlayctl-sysext.socket hello-ext.service")
+    wd = "/etc/systemd/system/sysinit.target.wants"
+    wants = {w: os.readlink(f"{wd}/{w}") for w in sorted(os.listdir(wd)) if "overlayctl" in w}
+    check("install: units enabled (sysinit.target.wants -> the package's units)", rc == 0 and
+          wants == {u: f"{UNIT_DIR}/{u}" for u in ("overlayctl-confext.service",
+                                                   "overlayctl-sysext.service")},
+          str(wants))
+    sock = "/etc/systemd/system/sockets.target.wants/overlayctl-sysext.socket"
+    check("install: overlayctl-sysext.socket enabled (sockets.target.wants), systemd's "
+          "systemd-sysext.socket enabled as shipped",
+          os.path.islink(sock) and os.readlink(sock) == f"{UNIT_DIR}/overlayctl-sysext.socket"
+          and os.path.islink(f"{UNIT_DIR}/sockets.target.wants/systemd-sysext.socket"),
+          os.readlink(sock) if os.path.islink(sock) else "no link")
     # a machine id now, so that boot 1 is not systemd's "first boot"
     sh("systemd-machine-id-setup", quiet_ok=True)
     os.makedirs(STATE, exist_ok=True)
@@ -187,7 +234,9 @@ def stage_install() -> None:
     # nothing is merged now: boot 1's units must do it
     st = status_by_hierarchy()
     check("install: nothing merged before boot 1",
-          all(r.get("extensions") == "none" for r in st.values()), "")
+          st and all(r.get("merged") is False and r.get("extensions") == []
+                     for r in st.values()),
+          " ".join(f"{h}={r.get('extensions')}" for h, r in sorted(st.items())))
 
 
 # ------------------------------------------------------------------------------------ boot 1
@@ -253,17 +302,133 @@ def diagnose_unmerged() -> None:
         return
     say("DIAGNOSIS: nothing is merged; kernel messages and a try with OVERLAYCTL_LEGACY_MOUNT=1:")
     sh("dmesg | grep -i overlay | tail -4")
-    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} sysext merge --no-reload && cat /usr/share/vmtest/squashfs.txt"
-       f" && {OL} sysext unmerge")
+    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} sysext merge --no-reload"
+       f" && cat /usr/share/vmtest/squashfs.txt && {OL} sysext unmerge")
     sh("dmesg | grep -i overlay | tail -2")
-    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} confext merge --no-reload && cat /etc/vmtest/from-confext.conf"
-       f" && {OL} confext unmerge")
+    sh(f"OVERLAYCTL_LEGACY_MOUNT=1 {OL} confext merge --no-reload"
+       f" && cat /etc/vmtest/from-confext.conf && {OL} confext unmerge")
     sh("dmesg | grep -i overlay | tail -2")
+
+
+# ------------------------------------------------------------------ varlink, socket unit
+
+VARLINK = "unix:/run/systemd/io.systemd.sysext"
+SOCKETS = ("overlayctl-sysext.socket", "systemd-sysext.socket")
+
+
+def socket_states() -> dict[str, dict[str, str]]:
+    return {u: unit_prop(u, "LoadState", "UnitFileState", "ActiveState", "SubState")
+            for u in SOCKETS}
+
+
+def varlink(method: str, params: str = "{}", more: bool = False,
+            user: str = "") -> tuple[int, list[object], str]:
+    """varlinkctl call (trixie's) on the socket: rc, the replies (JSON), the output."""
+    prefix = f"setpriv --reuid={user} --regid={user} --clear-groups " if user else ""
+    rc, out = sh(f"{prefix}varlinkctl call --json=short {'--more ' if more else ''}"
+                 f"{VARLINK} {method} '{params}'")
+    replies: list[object] = []
+    for line in out.splitlines():
+        try:
+            replies.append(json.loads(line))
+        except ValueError:
+            pass
+    return rc, replies, out
+
+
+def vendor() -> str:
+    _, replies, _ = varlink("org.varlink.service.GetInfo")
+    r = replies[0] if replies and isinstance(replies[0], dict) else {}
+    return f"{r.get('vendor')} / {r.get('product')}"
+
+
+def listening(boot: str, what: str, want: str) -> None:
+    """Exactly one of the two conflicting sockets is active, WANT, and the service behind the
+    path is that tool's (org.varlink.service.GetInfo)."""
+    st = socket_states()
+    active = [u for u, p in st.items() if p.get("ActiveState") == "active"]
+    who = vendor()
+    ours = want.startswith("overlayctl")
+    check(f"{boot}: varlink: {what}: {want} listens on /run/systemd/io.systemd.sysext, "
+          "the other socket is inactive",
+          active == [want] and st[want].get("SubState") == "listening"
+          and (who.startswith("overlayctl /") if ours else not who.startswith("overlayctl")
+               and who != "None / None"),
+          f"active: {active}; GetInfo: {who}")
+
+
+def sockets_conflict(boot: str) -> None:
+    """overlayctl-sysext.socket (enabled by the admin) and systemd-sysext.socket (enabled
+    statically, as the systemd package ships it) both want /run/systemd/io.systemd.sysext.
+    Ours has Conflicts=systemd-sysext.socket: it wins at boot (the stop job it pulls in matters
+    more than the other's start, wanted by sockets.target), and starting one stops the other."""
+    for u, p in socket_states().items():
+        say(f"  {u}: {p}")
+    listening(boot, "at boot, both enabled", "overlayctl-sysext.socket")
+    sh("systemctl start systemd-sysext.socket")
+    listening(boot, "after 'systemctl start systemd-sysext.socket'", "systemd-sysext.socket")
+    sh("systemctl start overlayctl-sysext.socket")
+    listening(boot, "after 'systemctl start overlayctl-sysext.socket'", "overlayctl-sysext.socket")
+
+
+def varlink_socket(boot: str) -> None:
+    """io.systemd.sysext through overlayctl-sysext.socket (Accept=yes: one
+    overlayctl-sysext@.service per connection), called with trixie's varlinkctl."""
+    listening(boot, "at boot, both enabled", "overlayctl-sysext.socket")
+    # List, both classes: the same images as the command line lists
+    for cls, want in (("sysext", {"erofsext", "gptext", "hello", "sqext"}),
+                      ("confext", {"vmconf"})):
+        rc, replies, _ = varlink("io.systemd.sysext.List", f'{{"class":"{cls}"}}', more=True)
+        names = {r.get("Name") for r in replies if isinstance(r, dict)}
+        cli = ol_json(f"{cls} list --json=short") or []
+        cli_names = {r["name"] for r in cli} if isinstance(cli, list) else set()
+        check(f"{boot}: varlink: List --more ({cls}) replies one record per image, as "
+              f"'overlayctl {cls} list'",
+              rc == 0 and names == want == cli_names and len(replies) == len(want)
+              and all(isinstance(r, dict) and r.get("Class") == cls for r in replies),
+              f"rc={rc} {sorted(n for n in names if n)}")
+    # Merge: unmerged by the command line, merged through the socket
+    rc1, _ = ol("sysext unmerge")
+    gone = read("/usr/bin/hello-ext") is None
+    rc, replies, out = varlink("io.systemd.sysext.Merge")
+    usr = status_by_hierarchy().get("/usr", {})
+    rc3, _ = sh("/usr/bin/hello-ext")
+    # varlinkctl prints nothing for a reply without parameters
+    check(f"{boot}: varlink: Merge through the socket merged /usr (reply {{}})",
+          rc1 == 0 and gone and rc == 0 and replies in ([], [{}])
+          and usr.get("extensions") == ["erofsext", "gptext", "hello", "sqext"] and rc3 == 0,
+          f"rc={rc} replies={replies} /usr {usr.get('extensions')} hello-ext rc={rc3}")
+    rc, _, out = varlink("io.systemd.sysext.Merge")
+    check(f"{boot}: varlink: a second Merge: io.systemd.sysext.AlreadyMerged",
+          rc != 0 and "io.systemd.sysext.AlreadyMerged" in out, f"rc={rc}")
+    # Refresh with a new extension, and without it
+    ext = "/var/lib/extensions/vlflip"
+    write(f"{ext}/usr/lib/extension-release.d/extension-release.vlflip", "ID=_any\n")
+    write(f"{ext}/usr/share/vmtest/vlflip.txt", "from vlflip\n")
+    rc, replies, _ = varlink("io.systemd.sysext.Refresh")
+    got = read("/usr/share/vmtest/vlflip.txt")
+    shutil.rmtree(ext)
+    rc2, replies2, _ = varlink("io.systemd.sysext.Refresh")
+    check(f"{boot}: varlink: Refresh through the socket adds an extension, and removes it",
+          rc == 0 and replies in ([], [{}]) and got == "from vlflip\n" and rc2 == 0
+          and replies2 in ([], [{}]) and not os.path.exists("/usr/share/vmtest/vlflip.txt"),
+          f"rc={rc}/{rc2} vlflip.txt={got!r}")
+    # the socket is 0666: anyone may List, only root may change the merge
+    rc, replies, _ = varlink("io.systemd.sysext.List", more=True, user="65534")
+    rc2, _, out2 = varlink("io.systemd.sysext.Unmerge", user="65534")
+    check(f"{boot}: varlink: an unprivileged user may List, and gets PermissionDenied for "
+          "Unmerge", rc == 0 and len(replies) == 4 and rc2 != 0
+          and "org.varlink.service.PermissionDenied" in out2
+          and read("/usr/bin/hello-ext") is not None, f"List rc={rc} Unmerge rc={rc2}")
+    _, out = sh("journalctl -b -o cat --no-pager -u 'overlayctl-sysext@*.service'")
+    check(f"{boot}: varlink: the calls ran in socket-activated overlayctl-sysext@.service "
+          "instances", "Merged extensions into '/usr'." in out, "")
 
 
 def stage_boot1() -> None:
     units_merged_at_boot("boot1")
     diagnose_unmerged()
+    sockets_conflict("boot1")
     write(f"{STATE}/boot1.boot_id", boot_id())
     # the confext over the defaults layer
     check("boot1: /etc/vmtest/from-confext.conf from the confext",
@@ -293,7 +458,7 @@ def stage_boot1() -> None:
     write("/usr/share/vmtest/ephemeral.txt", "written to the ephemeral /usr in boot 1\n")
     os.makedirs("/usr/local/share/vmtest-ephemeral", exist_ok=True)
     st = status_by_hierarchy().get("/usr", {})
-    rc3, out = sh("/usr/bin/hello-ext")
+    rc3, _ = sh("/usr/bin/hello-ext")
     check("boot1: /usr re-merged with --mutable=ephemeral and written to",
           rc1 == 0 and rc2 == 0 and st.get("mutable") == "ephemeral"
           and read("/usr/share/vmtest/ephemeral.txt") is not None and rc3 == 0,
@@ -377,6 +542,115 @@ def refresh_under_reader(boot: str, cls: str, files: list[str], rounds: int,
           f"{res.get('loops')} loops, {res.get('bad')} misses")
 
 
+# ------------------------------------------------------------------ EXTENSION_RELOAD_MANAGER
+
+RELOAD_EXT = "/run/extensions/vmtest-reload"
+RELOAD_UNIT = "vmtest-ext.service"
+RELOAD_MARKER = "/run/vmtest-ext.marker"
+RELOAD_UNIT_TEXT = """[Unit]
+Description=Shipped by the system extension vmtest-reload (EXTENSION_RELOAD_MANAGER=1)
+
+[Service]
+Type=oneshot
+# active after it ran: the manager keeps it loaded (not garbage-collected) until it is stopped
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'echo "vmtest-ext ran, boot_id=$$(cat /proc/sys/kernel/random/boot_id)" \
+    >/run/vmtest-ext.marker'
+"""
+
+
+def manager_reloads() -> int:
+    """How often the service manager was reloaded in this boot (its own journal lines)."""
+    subprocess.run(["journalctl", "--sync"], capture_output=True)
+    r = subprocess.run(["journalctl", "-b", "_PID=1", "-o", "cat", "--no-pager"],
+                       capture_output=True, text=True)
+    return sum(1 for line in r.stdout.splitlines() if line.startswith("Reloading finished"))
+
+
+def ext_unit() -> dict[str, str]:
+    return unit_prop(RELOAD_UNIT, "LoadState", "ActiveState", "NeedDaemonReload", "FragmentPath")
+
+
+def ol_reloads(args: str) -> tuple[int, int]:
+    """Run overlayctl ARGS; how often did the service manager reload meanwhile?"""
+    before = manager_reloads()
+    rc, _ = ol(args)
+    n = manager_reloads() - before
+    say(f"  (service manager reloads during the call: {n})")
+    return rc, n
+
+
+def ext_unit_runs(boot: str, what: str, rc: int, reloads: int) -> None:
+    u = ext_unit()
+    if os.path.exists(RELOAD_MARKER):
+        os.unlink(RELOAD_MARKER)
+    rc2, _ = sh(f"systemctl start {RELOAD_UNIT}")
+    got = (read(RELOAD_MARKER) or "").strip()
+    check(f"{boot}: reload: '{what}' with an EXTENSION_RELOAD_MANAGER=1 extension reloaded "
+          "the service manager once", rc == 0 and reloads == 1, f"rc={rc} reloads={reloads}")
+    check(f"{boot}: reload: after '{what}' the extension's {RELOAD_UNIT} is known and starts",
+          u.get("LoadState") == "loaded"
+          and u.get("FragmentPath") == f"/usr/lib/systemd/system/{RELOAD_UNIT}"
+          and rc2 == 0 and got == f"vmtest-ext ran, boot_id={boot_id()}",
+          f"{u} start rc={rc2} marker={got!r}")
+
+
+def reload_manager(boot: str) -> None:
+    """EXTENSION_RELOAD_MANAGER=1 (engine._daemon_reload, only with root=/ and systemd as PID 1):
+    a sysext that ships a unit; merge, refresh and unmerge reload the service manager, so the
+    unit comes and goes. The controls with --no-reload show that the checks see a missing
+    reload: the unit, active, stays loaded with its file gone."""
+    if read("/usr/bin/hello-ext") is None:
+        check(f"{boot}: reload: EXTENSION_RELOAD_MANAGER", False, "not run: nothing merged")
+        return
+    u = ext_unit()
+    check(f"{boot}: reload: {RELOAD_UNIT} unknown before its extension is merged",
+          u.get("LoadState") == "not-found", str(u))
+    write(f"{RELOAD_EXT}/usr/lib/extension-release.d/extension-release.vmtest-reload",
+          "ID=_any\nEXTENSION_RELOAD_MANAGER=1\n")
+    write(f"{RELOAD_EXT}/usr/lib/systemd/system/{RELOAD_UNIT}", RELOAD_UNIT_TEXT)
+    # /usr is merged by the unit at boot: a refresh adds the extension
+    rc, n = ol_reloads("sysext refresh")
+    ext_unit_runs(boot, "sysext refresh", rc, n)
+    rc, n = ol_reloads("sysext unmerge")
+    u = ext_unit()
+    rc2, _ = sh(f"systemctl cat {RELOAD_UNIT}")
+    check(f"{boot}: reload: 'sysext unmerge' reloaded the service manager once and "
+          f"{RELOAD_UNIT} is gone (not-found, systemctl cat fails)",
+          rc == 0 and n == 1 and u.get("LoadState") == "not-found" and rc2 != 0,
+          f"rc={rc} reloads={n} {u} systemctl cat rc={rc2}")
+    sh(f"systemctl stop {RELOAD_UNIT}", quiet_ok=True)
+    rc, n = ol_reloads("sysext merge")
+    ext_unit_runs(boot, "sysext merge", rc, n)
+    # controls: --no-reload leaves the manager as it was
+    rc, n = ol_reloads("sysext unmerge --no-reload")
+    u = ext_unit()
+    check(f"{boot}: reload: control: 'sysext unmerge --no-reload' did not reload: the unit "
+          "stays loaded, its file gone (NeedDaemonReload=yes)",
+          rc == 0 and n == 0 and u.get("LoadState") == "loaded"
+          and u.get("NeedDaemonReload") == "yes", f"rc={rc} reloads={n} {u}")
+    before = manager_reloads()
+    sh("systemctl daemon-reload")
+    n = manager_reloads() - before
+    u = ext_unit()
+    check(f"{boot}: reload: control: a daemon-reload by hand is counted, and the unit is gone",
+          n == 1 and u.get("LoadState") == "not-found", f"reloads={n} {u}")
+    sh(f"systemctl stop {RELOAD_UNIT}", quiet_ok=True)
+    rc, n = ol_reloads("sysext merge --no-reload")
+    check(f"{boot}: reload: control: 'sysext merge --no-reload' did not reload",
+          rc == 0 and n == 0, f"rc={rc} reloads={n}")
+    # back to the boot's merge: the extension removed by a refresh (which judges by what it
+    # merges, as upstream does: nothing asks for a reload then)
+    shutil.rmtree(RELOAD_EXT)
+    rc, n = ol_reloads("sysext refresh")
+    say(f"  refresh that removed the extension: rc={rc}, reloads={n}")
+    sh("systemctl daemon-reload")
+    st = status_by_hierarchy().get("/usr", {})
+    check(f"{boot}: reload: /usr merged as at boot again, {RELOAD_UNIT} gone",
+          rc == 0 and st.get("extensions") == ["erofsext", "gptext", "hello", "sqext"]
+          and ext_unit().get("LoadState") == "not-found", str(st.get("extensions")))
+
+
 def stage_boot2() -> None:
     units_merged_at_boot("boot2")
     prev = (read(f"{STATE}/boot1.boot_id") or "").strip()
@@ -422,8 +696,11 @@ def stage_boot2() -> None:
           st.get("/usr", {}).get("extensions") == ["erofsext", "gptext", "hello", "sqext"]
           and st.get("/etc", {}).get("extensions") == ["vmconf"]
           and st.get("/etc", {}).get("mutable") == "yes",
-          f"/usr {st.get('/usr', {}).get('extensions')}, /etc {st.get('/etc', {}).get('extensions')}")
+          f"/usr {st.get('/usr', {}).get('extensions')}, "
+          f"/etc {st.get('/etc', {}).get('extensions')}")
     sh("losetup -l -O NAME,BACK-FILE")
+    reload_manager("boot2")
+    varlink_socket("boot2")
 
 
 def main() -> int:

@@ -4,21 +4,29 @@
 #   sudo vm-tests/run.sh
 #
 # Builds or reuses (cache: $OVERLAYCTL_VM_CACHE, default /var/cache/overlayctl-vm) a Debian
-# cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, systemd,
-# squashfs-tools, erofs-utils), then boots a writable copy of that root three times:
+# cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, python3-cryptography,
+# python3-asn1crypto, systemd, squashfs-tools, erofs-utils), builds this tree's Debian package
+# (tools/build-deb.sh), then boots a writable copy of that root three times:
 #
-#   boot 0  vm-init   install overlayctl (this checkout's package), its units
-#                     (tools/install-units.sh + systemctl enable) and the fixtures
+#   boot 0  vm-init   install overlayctl's Debian package (dpkg -i): its files, its units,
+#                     nothing enabled; enable the units (systemctl enable, the socket too)
+#                     and add the fixtures
 #   boot 1  systemd   the units merge a sysext (directory + squashfs + erofs + GPT images)
 #                     and a confext over a defaults layer with the real /etc as upper;
-#                     hello-ext.service runs the sysext's binary; /etc is written;
+#                     hello-ext.service runs the sysext's binary; /etc is written; ours of
+#                     the two conflicting io.systemd.sysext sockets listens;
 #                     /usr is re-merged --mutable=ephemeral and written
 #   (host)            checks the root on disk, then "updates the OS": changes two defaults
 #   boot 2  systemd   /etc writes kept, ephemeral /usr writes gone, diff reports
-#                     default_changed; 20 sysext and 10 confext refreshes under a reader loop
+#                     default_changed; 20 sysext and 10 confext refreshes under a reader loop;
+#                     EXTENSION_RELOAD_MANAGER=1 (a sysext's unit comes and goes);
+#                     io.systemd.sysext through overlayctl-sysext.socket with varlinkctl
 #
 # The sequence runs once per guest kernel in $OVERLAYCTL_VM_KERNELS (default "trixie
-# trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports).
+# trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports), the
+# kernels side by side ($OVERLAYCTL_VM_PARALLEL, default: the host's cores). A boot whose guest
+# kernel crashed before the payload started is retried once, loudly, from the disks as they were
+# before it (OVERLAYCTL_VM_INJECT_PANIC=STAGE simulates that).
 #
 # Prints every boot's console (lines "guest| ..."), its duration, and "N passed, N failed".
 # Exit status 0 only when everything passed. The first run needs Debian's package mirror ($MIRROR,
@@ -36,6 +44,7 @@ PASS=0
 FAIL=0
 FAILED_NAMES=()
 BOOT_TIMES=()
+RETRIED=()
 now() { date +%s.%N; }
 el() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
 say() { echo "vm-tests: $*"; }
@@ -107,9 +116,23 @@ done
 T_PREP=$(el "$t")
 say "VM parts ready in ${T_PREP}s (cache $CACHE)"
 
+# ------------------------------------------------------------------ the Debian package of this tree
+# tools/build-deb.sh builds it from the tree as it is (tracked and new files); the guests install
+# it with dpkg -i.
+t=$(now)
+rm -rf "$CACHE/deb"
+if ! DEB=$("$REPO/tools/build-deb.sh" "$CACHE/deb") || [ ! -f "$DEB" ]; then
+    echo "vm-tests: FAILED: tools/build-deb.sh could not build the Debian package" >&2
+    echo "0 passed, 1 failed"
+    exit 3
+fi
+T_DEB=$(el "$t")
+say "Debian package $DEB built in ${T_DEB}s"
+
 run_sequence() {  # run_sequence KERNEL_SUITE: boots 0, 1, host step, 2 on a fresh copy of the root
 KS=$1
 RUN=$CACHE/run-$KS
+PASS=0 FAIL=0 FAILED_NAMES=() BOOT_TIMES=() RETRIED=()
 echo
 echo "################### guest kernel from Debian $KS"
 
@@ -120,11 +143,7 @@ mkdir -p "$RUN/payload/images" "$RUN/src"
 # a writable copy of the pristine root: it persists across the boots of this run only
 cp --sparse=always "${ROOT_OF[$KS]}" "$RUN/root.ext4"
 PL=$RUN/payload
-cp -a "$REPO/overlayctl" "$PL/overlayctl"
-find "$PL/overlayctl" -name __pycache__ -prune -exec rm -rf {} +
-mkdir -p "$PL/tools"
-cp -a "$REPO/units" "$PL/units"
-cp -a "$REPO/tools/install-units.sh" "$PL/tools/"
+cp "$DEB" "$PL/"
 cp "$HERE/guest.py" "$PL/guest.py"
 printf '#!/bin/sh\nexec python3 /payload/guest.py "$(cat /payload/stage)"\n' >"$PL/run"
 chmod +x "$PL/run" "$PL/guest.py"
@@ -152,16 +171,48 @@ hostcheck "[$KS] host: squashfs, erofs and GPT sysext images built" $ok \
 say "run directory $RUN prepared in $(el "$t")s"
 
 # ------------------------------------------------------------------ 3. boots
+# A guest kernel that crashed before the payload started is retried once, loudly, on the root
+# disk as it was before that boot. The disk is not untouched by such a boot: the kernel mounts
+# it read-write, and under systemd journald, the overlayctl units (their merge records in
+# /var/lib/overlayctl, the /etc work dir of Mutable=yes) and others write to it before
+# vm-test.service starts the payload. So each boot starts from a copy taken just before it, and
+# the retry starts from that copy again. Never retried: a boot whose payload started (whatever
+# failed in it), a time-out, a VM that ended without a kernel crash on its console.
+crashed_before_payload() {  # crashed_before_payload LOG: prints the crash's first lines
+    grep -q 'VM: payload start' "$1" && return 1
+    grep -m1 -E 'Kernel panic|Oops:|BUG:|general protection fault' "$1" >/dev/null || return 1
+    grep -E 'Kernel panic|Oops:|BUG:|general protection fault|RIP: 0010' "$1" | head -4 | sed -E 's/^\[ *[0-9.]+\] //'
+}
+
 boot() {  # boot N STAGE INIT TITLE
-    local n=$1 stage=$2 init=$3 title=$4 t rc log
+    local n=$1 stage=$2 init=$3 title=$4 t rc log attempt tag crash append
     echo
     echo "=================== [$KS] boot $n ($init as PID 1): $title"
     echo "$stage" >"$PL/stage"
     t=$(now)
-    KERNEL_SUITE=$KS RUN_DIR=$RUN ROOT_DISK=$RUN/root.ext4 INIT=$init LOG_TAG=$stage TIMEOUT=${BOOT_TIMEOUT:-300} \
-        "$HERE/vm-boot.sh" "$CACHE" "$PL" 2>&1 | grep -v -E '^vm-boot: (prep|sizes|total wall)'
-    rc=${PIPESTATUS[0]}
-    log=$RUN/$stage-1.log
+    cp --sparse=always "$RUN/root.ext4" "$RUN/root.before-$stage.ext4"
+    [ -e "$RUN/persist.ext4" ] && cp --sparse=always "$RUN/persist.ext4" "$RUN/persist.before-$stage.ext4"
+    for attempt in 1 2; do
+        tag=$stage; [ $attempt = 1 ] || tag=$stage.retry
+        # OVERLAYCTL_VM_INJECT_PANIC=STAGE: the first attempt of that boot panics before the
+        # payload (init= of a missing file), to see the retry work
+        append=
+        [ $attempt = 1 ] && [ "${OVERLAYCTL_VM_INJECT_PANIC:-}" = "$stage" ] && append=init=/sbin/vm-test-injected-panic
+        KERNEL_SUITE=$KS RUN_DIR=$RUN ROOT_DISK=$RUN/root.ext4 INIT=$init LOG_TAG=$tag TIMEOUT=${BOOT_TIMEOUT:-300} \
+            APPEND=$append "$HERE/vm-boot.sh" "$CACHE" "$PL" 2>&1 | grep -v -E '^vm-boot: (prep|sizes|total wall)'
+        rc=${PIPESTATUS[0]}
+        log=$RUN/$tag-1.log
+        [ $attempt = 1 ] || break
+        crash=$(crashed_before_payload "$log") || break
+        echo "vm-tests: RETRY: [$KS] boot $n ($stage): the guest kernel crashed before the payload started:"
+        echo "$crash" | sed 's/^/vm-tests: RETRY:   /'
+        echo "vm-tests: RETRY: the root disk is put back as it was before this boot, and the boot runs once more" \
+             "(first attempt's log: $log)"
+        RETRIED+=("[$KS] boot $n ($stage): $(echo "$crash" | head -1)")
+        cp --sparse=always "$RUN/root.before-$stage.ext4" "$RUN/root.ext4"
+        [ -e "$RUN/persist.before-$stage.ext4" ] && cp --sparse=always "$RUN/persist.before-$stage.ext4" "$RUN/persist.ext4"
+    done
+    rm -f "$RUN/root.before-$stage.ext4" "$RUN/persist.before-$stage.ext4"
     local p f
     p=$(grep -c '] CHECK PASS' "$log" 2>/dev/null)
     f=$(grep -c '] CHECK FAIL' "$log" 2>/dev/null)
@@ -170,10 +221,13 @@ boot() {  # boot N STAGE INIT TITLE
         < <(grep '] CHECK FAIL' "$log" | sed -E "s/.*CHECK FAIL (.*) :: .*/[$KS] \\1/")
     if grep -q 'VM-TEST-EXIT' "$log"; then
         hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 0 "guest checks: $p passed, $f failed"
+    elif crash=$(crashed_before_payload "$log"); then
+        hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 1 \
+            "the guest kernel crashed before the payload$([ "$tag" = "$stage" ] || echo ", twice"): $(echo "$crash" | head -1)"
     else
         hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 1 "no exit marker (rc $rc: 124 = time-out)"
     fi
-    BOOT_TIMES+=("[$KS] boot $n ($init, $stage): $(el "$t")s")
+    BOOT_TIMES+=("[$KS] boot $n ($init, $stage): $(el "$t")s$([ "$tag" = "$stage" ] || echo " (retried)")")
     echo "=================== boot $n done in $(el "$t")s (rc $rc)"
 }
 
@@ -215,13 +269,44 @@ echo "=================== host step done in $(el "$t")s"
 boot 2 boot2 systemd "persistence, ephemeral gone, diff default_changed, refresh under a reader loop"
 }
 
-for k in $KERNELS; do run_sequence "$k"; done
+# ------------------------------------------------------------------ 4. the sequences, side by side
+# Each guest runs its two vCPUs in one host thread (vm-boot.sh, TCG_THREAD=single), so the
+# sequences of the kernels run at the same time, $OVERLAYCTL_VM_PARALLEL at once (default: the
+# host's cores). Each one's console goes to $CACHE/console-KERNEL.log and is shown here in
+# order: the first one live, the others from their start once the one before has ended. Each
+# sequence leaves its counts in $CACHE/result-KERNEL.sh.
+PARALLEL=${OVERLAYCTL_VM_PARALLEL:-$(nproc)}
+[ "$PARALLEL" -ge 1 ] 2>/dev/null || PARALLEL=1
+declare -A SEQ_PID
+SEQS=($KERNELS)
+next=0
+for ((i = 0; i < ${#SEQS[@]}; i++)); do
+    while [ $next -lt ${#SEQS[@]} ] && [ $((next - i)) -lt "$PARALLEL" ]; do
+        k=${SEQS[$next]}
+        rm -f "$CACHE/result-$k.sh"
+        ( run_sequence "$k"
+          declare -p PASS FAIL FAILED_NAMES BOOT_TIMES RETRIED >"$CACHE/result-$k.sh" ) >"$CACHE/console-$k.log" 2>&1 &
+        SEQ_PID[$k]=$!
+        next=$((next + 1))
+    done
+    k=${SEQS[$i]}
+    tail -n +1 --pid="${SEQ_PID[$k]}" -f "$CACHE/console-$k.log"
+    wait "${SEQ_PID[$k]}"
+done
+TOTAL_PASS=0 TOTAL_FAIL=0 ALL_FAILED=() ALL_TIMES=() ALL_RETRIED=()
+for k in $KERNELS; do
+    PASS=0 FAIL=1 FAILED_NAMES=("[$k] the sequence left no result (see $CACHE/console-$k.log)") BOOT_TIMES=() RETRIED=()
+    [ -e "$CACHE/result-$k.sh" ] && . "$CACHE/result-$k.sh"
+    TOTAL_PASS=$((TOTAL_PASS + PASS)); TOTAL_FAIL=$((TOTAL_FAIL + FAIL))
+    ALL_FAILED+=("${FAILED_NAMES[@]}"); ALL_TIMES+=("${BOOT_TIMES[@]}"); ALL_RETRIED+=("${RETRIED[@]}")
+done
 
-# ------------------------------------------------------------------ 4. summary
+# ------------------------------------------------------------------ 5. summary
 echo
 echo "=================== summary"
-for b in "${BOOT_TIMES[@]}"; do echo "  $b"; done
-echo "  VM preparation: ${T_PREP}s; whole run: $(el "$T_START")s; logs in $CACHE/run-*/"
-for n in "${FAILED_NAMES[@]}"; do echo "  FAILED: $n"; done
-echo "$PASS passed, $FAIL failed"
-[ "$FAIL" = 0 ]
+for b in "${ALL_TIMES[@]}"; do echo "  $b"; done
+echo "  VM preparation: ${T_PREP}s; Debian package: ${T_DEB}s; sequences: $PARALLEL at once; whole run: $(el "$T_START")s; logs in $CACHE/run-*/ and $CACHE/console-*.log"
+for n in "${ALL_RETRIED[@]}"; do echo "  RETRIED (guest kernel crash before the payload): $n"; done
+for n in "${ALL_FAILED[@]}"; do echo "  FAILED: $n"; done
+echo "$TOTAL_PASS passed, $TOTAL_FAIL failed"
+[ "$TOTAL_FAIL" = 0 ]

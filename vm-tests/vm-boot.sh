@@ -2,7 +2,10 @@
 # vm-boot.sh DIR [PAYLOAD_DIR]
 #
 # overlayctl's copy of ../shared/reference/vm-boot.sh, adapted for vm-tests/run.sh:
-#   * python3-psutil is in the root (overlayctl depends on it);
+#   * python3-psutil is in the root (overlayctl depends on it), and python3-cryptography and
+#     python3-asn1crypto (for verity signatures, which the package may soon depend on), with
+#     python3-cffi-backend named: python3-cryptography depends on the virtual packages
+#     python3-cffi-backend-api-min/-max, which debootstrap does not resolve;
 #   * ROOT_DISK=FILE boots a writable copy of the root image (no snapshot=on), so the
 #     guest's /etc, /usr and /var persist from one boot to the next, as on a real machine;
 #   * RUN_DIR=DIR keeps payload.ext4, persist.ext4 and the boot logs out of the cache;
@@ -10,6 +13,10 @@
 #   * console lines are printed as "[  t.tt] guest| LINE", LOG_TAG names the log file;
 #   * KERNEL_SUITE=trixie-backports (or sid) boots that suite's cloud kernel instead; its
 #     root image (with its modules) is ROOT_IMAGE, printed as "vm-boot: root image FILE";
+#   * TCG runs both vCPUs in one host thread (TCG_THREAD=single, see below) and the kernel
+#     panics on any oops (oops=panic), so that a crashed guest ends the VM at once;
+#   * APPEND=... is added to the kernel command line;
+#   * INIT=systemd boots vm-test.target: sysinit.target, sockets.target and the payload;
 #   * only the root is NVMe (the nvme driver probes asynchronously, so with three NVMe disks
 #     nvme0n1 was sometimes not the root); persist and payload are virtio-blk (a module,
 #     loaded by vm-run-payload).
@@ -37,6 +44,12 @@
 #
 # Env: SUITE=trixie MIRROR=... ENGINE=qemu|uml ACCEL=tcg|kvm INIT=vm-init|systemd BOOTS=1
 #      SMP=2 MEM=1024 EXTRA_PKGS=python3-pytest,... RESET_PERSIST=1 KEEP_GOING=1
+#      TCG_THREAD=single|multi APPEND="kernel options"
+# TCG_THREAD=single (default): QEMU's multi-threaded TCG (one host thread per vCPU, QEMU's
+# default) races with the guest kernel's live code patching (static keys, text_poke_bp's int3
+# protocol): a vCPU sometimes runs a stale translation of the patched code and hits an int3
+# after the patch is done, "Oops: int3 ... Kernel panic - not syncing: Fatal exception". With
+# one thread for both vCPUs it does not happen (vm-tests/README.md: "The TCG oops").
 # Exit status: the payload's exit status of the last boot (99: payload missing,
 #              124: time-out, 125: no exit marker seen on the console).
 # Idempotent: downloads/debootstrap/image builds are skipped when their outputs exist (the
@@ -61,7 +74,9 @@ BOOTS=${BOOTS:-1}
 SMP=${SMP:-2}
 MEM=${MEM:-1024}
 TIMEOUT=${TIMEOUT:-300}
-PKGS=python3,kmod,util-linux,mount,e2fsprogs,squashfs-tools,erofs-utils,systemd,python3-psutil${EXTRA_PKGS:+,$EXTRA_PKGS}
+TCG_THREAD=${TCG_THREAD:-single}
+APPEND=${APPEND:-}
+PKGS=python3,kmod,util-linux,mount,e2fsprogs,squashfs-tools,erofs-utils,systemd,python3-psutil,python3-cryptography,python3-cffi-backend,python3-asn1crypto${EXTRA_PKGS:+,$EXTRA_PKGS}
 mkdir -p "$DIR"
 DIR=$(realpath "$DIR")
 SELF=$(realpath "$0")
@@ -225,7 +240,8 @@ EOF
     cat >"$G/etc/systemd/system/vm-test.service" <<'EOF'
 [Unit]
 Description=VM test payload
-After=local-fs.target
+After=local-fs.target sockets.target
+Wants=sockets.target
 SuccessAction=poweroff-force
 FailureAction=poweroff-force
 [Service]
@@ -321,13 +337,13 @@ boot_cmd() {
         local R=$DIR/rootfs
         echo unshare -m --propagation private -- sh -c "'mkdir -p $R/mnt/vm && mount --bind $DIR $R/mnt/vm && mount -t proc proc $R/proc && mount --rbind /dev $R/dev && mount -t tmpfs tmpfs $R/tmp && rm -f $DIR/root.cow && exec chroot $R env TMPDIR=/tmp /mnt/vm/uml/usr/bin/linux.uml mem=${MEM}M ubd0=/mnt/vm/root.cow,/mnt/vm/root.ext4 ubd1=/mnt/vm/persist.ext4 ubd2r=/mnt/vm/payload.ext4 root=/dev/ubda rw $INITARG con=null con0=null,fd:1 quiet'"
     else
-        local accel="-accel tcg -cpu max"
+        local accel="-accel tcg,thread=$TCG_THREAD -cpu max"
         local rootdrive="-drive file=$ROOT_IMAGE,if=none,id=root,format=raw,snapshot=on"
         [ -n "$ROOT_DISK" ] && rootdrive="-drive file=$ROOT_DISK,if=none,id=root,format=raw"
         [ "$ACCEL" = kvm ] && accel="-enable-kvm -cpu host"
         echo qemu-system-x86_64 $accel -M q35 -smp "$SMP" -m "$MEM" -nodefaults -display none -serial stdio -no-reboot \
             -kernel "$VMLINUZ" \
-            -append "'console=ttyS0 root=/dev/nvme0n1 rootfstype=ext4 rw $INITARG panic=-1 quiet'" \
+            -append "'console=ttyS0 root=/dev/nvme0n1 rootfstype=ext4 rw $INITARG panic=-1 oops=panic quiet${APPEND:+ $APPEND}'" \
             $rootdrive -device nvme,drive=root,serial=root \
             -drive file="$RUN_DIR/persist.ext4",if=none,id=persist,format=raw -device virtio-blk-pci,drive=persist,serial=persist \
             -drive file="$RUN_DIR/payload.ext4",if=none,id=payload,format=raw,readonly=on -device virtio-blk-pci,drive=payload,serial=payload
