@@ -34,7 +34,6 @@ from overlayctl.release import host_os_release, valid_image_name
 from overlayctl.resources import ExitStack
 from overlayctl.settings import CLASSES, ExtClass, class_hierarchies, load_settings
 from overlayctl.upper import (
-    OVERLAY_XATTR_PREFIXES,
     LowerDirs,
     classify,
     is_opaque,
@@ -45,6 +44,7 @@ from overlayctl.upper import (
     redirect_of,
     redirected_dirs,
     upper_lookup,
+    user_xattrs,
 )
 from overlayctl.versions import version_key
 
@@ -242,29 +242,13 @@ def _items(st: Stack, snap: dict[str, os.stat_result]) -> tuple[list[Item], list
     return items, skipped
 
 
-def _xattrs(path: str) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return out
-    for n in names:
-        if n.startswith(OVERLAY_XATTR_PREFIXES):
-            continue
-        try:
-            out[n] = os.getxattr(path, n, follow_symlinks=False)
-        except OSError:
-            continue
-    return out
-
-
 def _check_carry(path: str, shown: str, fmt: str) -> dict[str, bytes]:
     """The xattrs of PATH to copy; refuses what FMT cannot carry, and metadata-only copies."""
     if overlay_xattr(path, "metacopy") is not None:
         raise die(f"cannot commit {shown}: it is a metadata-only copy (metacopy=on), its data "
                   "lives in a lower layer", "merge without metacopy=on, or copy the file up "
                   "whole (e.g. rewrite it), then commit again")
-    xa = _xattrs(path)
+    xa = user_xattrs(path)
     keep = CARRIES[fmt]
     if keep is not None:
         for n in xa:

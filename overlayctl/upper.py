@@ -118,7 +118,9 @@ def lower_names(layers: list[LayerRef], rel: str) -> set[str]:
     return set(lower_children(dirs)[0]) if dirs else set()
 
 
-def _xattrs(path: str, ignore: frozenset[str] = frozenset()) -> dict[str, bytes]:
+def user_xattrs(path: str, ignore: frozenset[str] = frozenset()) -> dict[str, bytes]:
+    """PATH's xattrs (not followed through a symlink) but overlayfs's own and IGNORE; an
+    attribute that vanishes while it is read is left out."""
     out: dict[str, bytes] = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -176,7 +178,7 @@ def same_entry(a: str, sa: os.stat_result, b: str, sb: os.stat_result,
             return False
     elif fmt in (_IFCHR, _IFBLK) and sa.st_rdev != sb.st_rdev:
         return False
-    return _xattrs(a, ignore) == _xattrs(b, ignore)
+    return user_xattrs(a, ignore) == user_xattrs(b, ignore)
 
 
 def open_noatime(path: str) -> int:
@@ -213,7 +215,7 @@ def digest(path: str, st: os.stat_result | None = None) -> str:
                 h.update(chunk)
     elif stat.S_ISLNK(st.st_mode):
         h.update(os.fsencode(os.readlink(path)))
-    for k, v in sorted(_xattrs(path).items()):
+    for k, v in sorted(user_xattrs(path).items()):
         h.update(k.encode() + b"=" + v)
     return h.hexdigest()
 
@@ -605,7 +607,7 @@ def _copy_meta(src: str, st: os.stat_result, dst: str) -> None:
     os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst, stat.S_IMODE(st.st_mode))
-    for k, v in _xattrs(src).items():
+    for k, v in user_xattrs(src).items():
         try:
             os.setxattr(dst, k, v, follow_symlinks=False)
         except OSError:
