@@ -375,7 +375,7 @@ flatcar)
     t=$(now)
     fsck_clean "boot 5"
     # ls -p: /INODE/MODE/UID/GID/NAME/SIZE/ a line (an empty directory block shows inode 0)
-    got=$(dbg 'ls -p /etc' | awk -F/ '$2 != 0 && $6 != "." && $6 != ".." { print $6 }' | tr '\n' ' ')
+    got=$(dbg 'ls -p /etc' | awk -F/ '$2 != 0 && $6 != "" && $6 != "." && $6 != ".." { print $6 }' | tr '\n' ' ')
     hostcheck "[$TAG] host: the real /etc on disk is empty (everything is in site.raw and the defaults)" \
         $([ -z "$got" ] && echo 0 || echo 1) "entries in /etc: ${got:-none}"
     got=$(dbg 'stat /var/lib/confexts/site.raw' | head -1)
