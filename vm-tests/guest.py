@@ -707,7 +707,7 @@ def stage_boot2() -> None:
 
 def restart_units(boot: str) -> None:
     """vm-tests/restart_units_guest.py (EXTENSION_RESTART_UNITS=, ..._RELOAD_OR_RESTART_UNITS=,
-    the kill switch through systemd-run, the sysupdate notification socket), when run.sh put it
+    the kill switch through a oneshot unit, the sysupdate notification socket), when run.sh put it
     in the payload (on one kernel). It prints its own CHECK lines; its exit status is one more."""
     script = f"{P}/restart_units_guest.py"
     if not os.path.exists(script):

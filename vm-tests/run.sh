@@ -5,9 +5,14 @@
 #
 # Builds or reuses (cache: $OVERLAYCTL_VM_CACHE, default /var/cache/overlayctl-vm) a Debian
 # cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, python3-cryptography,
-# python3-asn1crypto, systemd, squashfs-tools, erofs-utils), builds this tree's Debian package
-# (tools/build-deb.sh), then boots a writable copy of that root three times:
+# python3-cffi-backend, python3-asn1crypto, systemd, squashfs-tools, erofs-utils), builds this
+# tree's Debian package (tools/build-deb.sh), then runs the sequences of $OVERLAYCTL_VM_SEQUENCES
+# (SCENARIO@KERNEL_SUITE), each on its own writable copy of that root, $OVERLAYCTL_VM_PARALLEL
+# at once (default: the host's cores). By default "main" on each kernel of
+# $OVERLAYCTL_VM_KERNELS ("trixie trixie-backports": Debian 13's 6.12 cloud kernel and the
+# newer one from backports), "flatcar" and "usr-dpkg" on Debian 13's own:
 #
+# main (guest.py, verity_guest.py):
 #   boot 0  vm-init   install overlayctl's Debian package (dpkg -i): its files, its units,
 #                     nothing enabled; enable the units (systemctl enable, the socket too)
 #                     and add the fixtures
@@ -20,13 +25,17 @@
 #   boot 2  systemd   /etc writes kept, ephemeral /usr writes gone, diff reports
 #                     default_changed; 20 sysext and 10 confext refreshes under a reader loop;
 #                     EXTENSION_RELOAD_MANAGER=1 (a sysext's unit comes and goes);
-#                     io.systemd.sysext through overlayctl-sysext.socket with varlinkctl
+#                     io.systemd.sysext through overlayctl-sysext.socket with varlinkctl;
+#                     on one kernel restart_units_guest.py (EXTENSION_RESTART_UNITS=, ...)
+#   boot 3  vm-init   verified images (verity_guest.py): dm-verity, signatures, EIO, Flatcar
+# flatcar (flatcar_commit_guest.py): boots 0-5, Flatcar's first boot to an immutable /etc
+#   (confext commit site, the real /etc emptied, read-only and ephemeral-import merges), then
+#   debugfs on the host: the real /etc is empty, site.raw is there
+# usr-dpkg (usr_dpkg_guest.py): boots 0-3, dpkg on a /usr that is its own upper, then
+#   debugfs on the host: no whiteout and no stale opaque marker in the plain /usr
 #
-# The sequence runs once per guest kernel in $OVERLAYCTL_VM_KERNELS (default "trixie
-# trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports), the
-# kernels side by side ($OVERLAYCTL_VM_PARALLEL, default: the host's cores). A boot whose guest
-# kernel crashed before the payload started is retried once, loudly, from the disks as they were
-# before it (OVERLAYCTL_VM_INJECT_PANIC=STAGE simulates that).
+# A boot whose guest kernel crashed before the payload started is retried once, loudly, from
+# the disks as they were before it (OVERLAYCTL_VM_INJECT_PANIC=STAGE simulates that).
 #
 # Prints every boot's console (lines "guest| ..."), its duration, and "N passed, N failed".
 # Exit status 0 only when everything passed. The first run needs Debian's package mirror ($MIRROR,
@@ -44,7 +53,6 @@ KERNELS=${OVERLAYCTL_VM_KERNELS:-trixie trixie-backports}
 # has), or on the first of $KERNELS when that is not among them.
 ONE_KERNEL=trixie
 case " $KERNELS " in *" trixie "*) ;; *) ONE_KERNEL=${KERNELS%% *} ;; esac
-RESTART_UNITS_KERNEL=${OVERLAYCTL_VM_RESTART_UNITS_KERNEL:-$ONE_KERNEL}
 # The sequences, SCENARIO@KERNEL_SUITE, each on its own fresh copy of the root: "main" (guest.py's
 # boots 0-2, then verity_guest.py) on every kernel, "flatcar" (flatcar_commit_guest.py) and
 # "usr-dpkg" (usr_dpkg_guest.py) on one. Longest first: they are started in this order.
@@ -54,6 +62,16 @@ for s in $SEQUENCES; do
         echo "vm-tests: unknown scenario '${s%@*}' in \$OVERLAYCTL_VM_SEQUENCES (main, flatcar, usr-dpkg)" >&2; exit 2 ;;
     esac
 done
+# restart_units_guest.py runs in one main sequence: on Debian 13's kernel if there is such a
+# sequence, else on the first main sequence's kernel
+MAIN_KERNELS=$(for s in $SEQUENCES; do [ "${s%@*}" = main ] && echo "${s#*@}"; done | tr '\n' ' ')
+RESTART_UNITS_KERNEL=${OVERLAYCTL_VM_RESTART_UNITS_KERNEL:-}
+if [ -z "$RESTART_UNITS_KERNEL" ]; then
+    case " $MAIN_KERNELS " in *" $ONE_KERNEL "*) RESTART_UNITS_KERNEL=$ONE_KERNEL ;;
+                               *) RESTART_UNITS_KERNEL=${MAIN_KERNELS%% *} ;; esac
+fi
+# each sequence once (a repeated one would share its run directory and console)
+SEQUENCES=$(for s in $SEQUENCES; do echo "$s"; done | awk '!seen[$0]++' | tr '\n' ' ')
 # the kernels the sequences boot
 KERNELS=$(for s in $SEQUENCES; do echo "${s#*@}"; done | awk '!seen[$0]++' | tr '\n' ' ')
 seq_name() { if [ "${1%@*}" = main ]; then echo "${1#*@}"; else echo "${1%@*}-${1#*@}"; fi; }
