@@ -7,7 +7,7 @@ boot has written /etc, `overlayctl confext commit site` turns the local state in
 /var/lib/confexts/site.raw, the real /etc is emptied, and every later boot merges the
 defaults and `site` read-only (and, later, with --mutable=ephemeral-import).
 
-    flatcar_commit_guest.py install     boot 0, vm-init as PID 1: overlayctl, its units, the
+    flatcar_commit_guest.py install     boot 0, vm-init as PID 1: overlayctl's package, the
                                         image's /etc moved to /usr/share/flatcar/etc (the real
                                         /etc left empty), the PID-1 wrapper below
     flatcar_commit_guest.py setup-root  run by /usr/local/sbin/flatcar-vm-init, PID 1, before
@@ -29,18 +29,15 @@ Boots 1-5 need systemd started through the wrapper: init=/usr/local/sbin/flatcar
 (it mounts /proc, /sys, /dev and /run, loads the modules, runs `setup-root`, then execs
 /lib/systemd/systemd with the kernel's arguments).
 
-Hooking it into run.sh (not done here; run.sh, vm-boot.sh and guest.py belong elsewhere):
-  * vm-boot.sh: accept an absolute INIT path, booted like INIT=systemd:
-        /*) INITARG="init=$INIT systemd.unit=vm-test.target systemd.show_status=0" ;;
-  * run.sh: a second sequence per kernel, on its own fresh copy of the root image, whose
-    payload also holds this file and whose run script is
-        exec python3 /payload/flatcar_commit_guest.py "$(cat /payload/stage)"
-    and the boots
-        boot 0 install vm-init ...
-        boot N bootN /usr/local/sbin/flatcar-vm-init ...     for N = 1 .. 5
-    (install moves the whole image /etc away, so it cannot share a root with guest.py).
-  * Optional host step after boot 5: `debugfs -R 'ls -l /etc' root.ext4` lists nothing
-    (the real /etc stayed empty), and /var/lib/confexts/site.raw is there.
+vm-tests/run.sh runs it as its "flatcar" sequence, on its own fresh copy of the root image
+(install moves the whole image /etc away, so it cannot share a root with guest.py), with a
+payload of this file and overlayctl's Debian package, the run script
+    exec python3 /payload/flatcar_commit_guest.py "$(cat /payload/stage)"
+and the boots
+    boot 0 install vm-init
+    boot N bootN /usr/local/sbin/flatcar-vm-init     for N = 1 .. 5 (vm-boot.sh's INIT=/PATH)
+then, on the host, `debugfs -R 'ls /etc' root.ext4` lists nothing (the real /etc stayed
+empty) and /var/lib/confexts/site.raw is there.
 The guest needs nothing beyond the cached rootfs (python3, systemd, util-linux, kmod,
 squashfs-tools); the setup-root step prints its CHECK lines on the console like the rest.
 
@@ -70,10 +67,9 @@ import sys
 import time
 
 ROOT = "/"
-OL: list[str] = ["/usr/local/bin/overlayctl"]
+OL: list[str] = ["/usr/bin/overlayctl"]       # from the Debian package
 SIMULATED = False
 PAYLOAD = "/payload"
-LIB = "/usr/local/lib/overlayctl"
 HERE_LIB = "/usr/local/lib/flatcar-vm"
 WRAPPER = "/usr/local/sbin/flatcar-vm-init"
 DEFAULTS = "/usr/share/flatcar/etc"
@@ -244,15 +240,12 @@ DEFAULT_FILES = {
 def stage_install() -> None:
     say("install: overlayctl, and the image's /etc moved to the defaults layer")
     if not SIMULATED:
-        shutil.rmtree(LIB, ignore_errors=True)
-        shutil.copytree(f"{PAYLOAD}/overlayctl", f"{LIB}/overlayctl",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        write("/usr/local/bin/overlayctl",
-              f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, {LIB!r})\n"
-              "from overlayctl.cli import main\nsys.exit(main())\n", 0o755)
-        rc, _, _ = run(["bash", f"{PAYLOAD}/tools/install-units.sh", OL[0],
-                        "/etc/systemd/system"])
-        check("install: units installed", rc == 0)
+        # overlayctl's Debian package (tools/build-deb.sh on the host): /usr/bin/overlayctl,
+        # the units in /usr/lib/systemd/system
+        debs = sorted(n for n in os.listdir(PAYLOAD) if n.startswith("overlayctl_")
+                      and n.endswith(".deb"))
+        rc, _, _ = run(["dpkg", "-i", *(f"{PAYLOAD}/{n}" for n in debs[-1:])])
+        check("install: dpkg -i overlayctl's package", len(debs) == 1 and rc == 0, str(debs))
         rc, _, _ = run(["systemctl", "enable", "overlayctl-confext.service"])
         check("install: overlayctl-confext.service enabled", rc == 0)
         # A machine id in the image: boot 1 is then not systemd's "first boot" (presets).
@@ -480,7 +473,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=[*STAGES, "simulate"])
     ap.add_argument("--root", default="/")
-    ap.add_argument("--overlayctl", default="/usr/local/bin/overlayctl")
+    ap.add_argument("--overlayctl", default="/usr/bin/overlayctl")
     args = ap.parse_args()
     ROOT = os.path.realpath(args.root)
     OL = shlex.split(args.overlayctl)

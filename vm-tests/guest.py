@@ -8,7 +8,8 @@
                        write to /etc, switch /usr to an ephemeral upper and write to it
     guest.py boot2     systemd as PID 1: /etc writes persisted, ephemeral writes gone,
                        diff reports the default that the host updated between the boots,
-                       refresh under a reader loop
+                       refresh under a reader loop, EXTENSION_RELOAD_MANAGER=1, varlink;
+                       restart_units_guest.py when it is in the payload
 
 Every check prints one line "CHECK PASS|FAIL name :: detail"; run.sh counts them. Command
 output is printed indented with "| ". The exit status is 1 when a check failed."""
@@ -701,6 +702,25 @@ def stage_boot2() -> None:
     sh("losetup -l -O NAME,BACK-FILE")
     reload_manager("boot2")
     varlink_socket("boot2")
+    restart_units("boot2")
+
+
+def restart_units(boot: str) -> None:
+    """vm-tests/restart_units_guest.py (EXTENSION_RESTART_UNITS=, ..._RELOAD_OR_RESTART_UNITS=,
+    the kill switch through a oneshot unit, the sysupdate notification socket), when run.sh put it
+    in the payload (on one kernel). It prints its own CHECK lines; its exit status is one more."""
+    script = f"{P}/restart_units_guest.py"
+    if not os.path.exists(script):
+        return
+    say(f"$ python3 {script} {OL}")
+    t = time.monotonic()
+    rc = subprocess.run([sys.executable, script, OL]).returncode
+    check(f"{boot}: restart_units_guest.py exited 0", rc == 0,
+          f"rc={rc}, {time.monotonic() - t:.1f}s")
+    st = status_by_hierarchy().get("/usr", {})
+    check(f"{boot}: after restart_units_guest.py /usr is merged as at boot",
+          st.get("extensions") == ["erofsext", "gptext", "hello", "sqext"],
+          str(st.get("extensions")))
 
 
 def main() -> int:

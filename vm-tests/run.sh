@@ -5,9 +5,14 @@
 #
 # Builds or reuses (cache: $OVERLAYCTL_VM_CACHE, default /var/cache/overlayctl-vm) a Debian
 # cloud kernel and a debootstrap'ed trixie root (python3, python3-psutil, python3-cryptography,
-# python3-asn1crypto, systemd, squashfs-tools, erofs-utils), builds this tree's Debian package
-# (tools/build-deb.sh), then boots a writable copy of that root three times:
+# python3-cffi-backend, python3-asn1crypto, systemd, squashfs-tools, erofs-utils), builds this
+# tree's Debian package (tools/build-deb.sh), then runs the sequences of $OVERLAYCTL_VM_SEQUENCES
+# (SCENARIO@KERNEL_SUITE), each on its own writable copy of that root, $OVERLAYCTL_VM_PARALLEL
+# at once (default: the host's cores). By default "main" on each kernel of
+# $OVERLAYCTL_VM_KERNELS ("trixie trixie-backports": Debian 13's 6.12 cloud kernel and the
+# newer one from backports), "flatcar" and "usr-dpkg" on Debian 13's own:
 #
+# main (guest.py, verity_guest.py):
 #   boot 0  vm-init   install overlayctl's Debian package (dpkg -i): its files, its units,
 #                     nothing enabled; enable the units (systemctl enable, the socket too)
 #                     and add the fixtures
@@ -20,13 +25,17 @@
 #   boot 2  systemd   /etc writes kept, ephemeral /usr writes gone, diff reports
 #                     default_changed; 20 sysext and 10 confext refreshes under a reader loop;
 #                     EXTENSION_RELOAD_MANAGER=1 (a sysext's unit comes and goes);
-#                     io.systemd.sysext through overlayctl-sysext.socket with varlinkctl
+#                     io.systemd.sysext through overlayctl-sysext.socket with varlinkctl;
+#                     on one kernel restart_units_guest.py (EXTENSION_RESTART_UNITS=, ...)
+#   boot 3  vm-init   verified images (verity_guest.py): dm-verity, signatures, EIO, Flatcar
+# flatcar (flatcar_commit_guest.py): boots 0-5, Flatcar's first boot to an immutable /etc
+#   (confext commit site, the real /etc emptied, read-only and ephemeral-import merges), then
+#   debugfs on the host: the real /etc is empty, site.raw is there
+# usr-dpkg (usr_dpkg_guest.py): boots 0-3, dpkg on a /usr that is its own upper, then
+#   debugfs on the host: no whiteout and no stale opaque marker in the plain /usr
 #
-# The sequence runs once per guest kernel in $OVERLAYCTL_VM_KERNELS (default "trixie
-# trixie-backports": Debian 13's 6.12 cloud kernel and the newer one from backports), the
-# kernels side by side ($OVERLAYCTL_VM_PARALLEL, default: the host's cores). A boot whose guest
-# kernel crashed before the payload started is retried once, loudly, from the disks as they were
-# before it (OVERLAYCTL_VM_INJECT_PANIC=STAGE simulates that).
+# A boot whose guest kernel crashed before the payload started is retried once, loudly, from
+# the disks as they were before it (OVERLAYCTL_VM_INJECT_PANIC=STAGE simulates that).
 #
 # Prints every boot's console (lines "guest| ..."), its duration, and "N passed, N failed".
 # Exit status 0 only when everything passed. The first run needs Debian's package mirror ($MIRROR,
@@ -40,6 +49,32 @@ CACHE=${OVERLAYCTL_VM_CACHE:-/var/cache/overlayctl-vm}
 MIRROR=${MIRROR:-$(debian_mirror 2>/dev/null || true)}   # needed only while the cache is incomplete
 export MIRROR
 KERNELS=${OVERLAYCTL_VM_KERNELS:-trixie trixie-backports}
+# The scenarios that need one kernel only run on Debian 13's own (6.12, the kernel a Debian user
+# has), or on the first of $KERNELS when that is not among them.
+ONE_KERNEL=trixie
+case " $KERNELS " in *" trixie "*) ;; *) ONE_KERNEL=${KERNELS%% *} ;; esac
+# The sequences, SCENARIO@KERNEL_SUITE, each on its own fresh copy of the root: "main" (guest.py's
+# boots 0-2, then verity_guest.py) on every kernel, "flatcar" (flatcar_commit_guest.py) and
+# "usr-dpkg" (usr_dpkg_guest.py) on one. Longest first: they are started in this order.
+SEQUENCES=${OVERLAYCTL_VM_SEQUENCES:-$(for k in $KERNELS; do printf 'main@%s ' "$k"; done; echo "flatcar@$ONE_KERNEL usr-dpkg@$ONE_KERNEL")}
+for s in $SEQUENCES; do
+    case ${s%@*} in main|flatcar|usr-dpkg) ;; *)
+        echo "vm-tests: unknown scenario '${s%@*}' in \$OVERLAYCTL_VM_SEQUENCES (main, flatcar, usr-dpkg)" >&2; exit 2 ;;
+    esac
+done
+# restart_units_guest.py runs in one main sequence: on Debian 13's kernel if there is such a
+# sequence, else on the first main sequence's kernel
+MAIN_KERNELS=$(for s in $SEQUENCES; do [ "${s%@*}" = main ] && echo "${s#*@}"; done | tr '\n' ' ')
+RESTART_UNITS_KERNEL=${OVERLAYCTL_VM_RESTART_UNITS_KERNEL:-}
+if [ -z "$RESTART_UNITS_KERNEL" ]; then
+    case " $MAIN_KERNELS " in *" $ONE_KERNEL "*) RESTART_UNITS_KERNEL=$ONE_KERNEL ;;
+                               *) RESTART_UNITS_KERNEL=${MAIN_KERNELS%% *} ;; esac
+fi
+# each sequence once (a repeated one would share its run directory and console)
+SEQUENCES=$(for s in $SEQUENCES; do echo "$s"; done | awk '!seen[$0]++' | tr '\n' ' ')
+# the kernels the sequences boot
+KERNELS=$(for s in $SEQUENCES; do echo "${s#*@}"; done | awk '!seen[$0]++' | tr '\n' ' ')
+seq_name() { if [ "${1%@*}" = main ]; then echo "${1#*@}"; else echo "${1%@*}-${1#*@}"; fi; }
 PASS=0
 FAIL=0
 FAILED_NAMES=()
@@ -94,6 +129,8 @@ command -v mksquashfs >/dev/null || missing+=(squashfs-tools)
 command -v mkfs.erofs >/dev/null || missing+=(erofs-utils)
 command -v sfdisk >/dev/null || missing+=(fdisk)
 command -v debugfs >/dev/null || missing+=(e2fsprogs)
+command -v veritysetup >/dev/null || missing+=(cryptsetup-bin)     # verity_guest.py build
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing host tools: ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
@@ -129,45 +166,90 @@ fi
 T_DEB=$(el "$t")
 say "Debian package $DEB built in ${T_DEB}s"
 
-run_sequence() {  # run_sequence KERNEL_SUITE: boots 0, 1, host step, 2 on a fresh copy of the root
-KS=$1
-RUN=$CACHE/run-$KS
+
+# ------------------------------------------------------------------ the .debs of the usr-dpkg sequence
+# hello and bash-completion from tools/debian-tree.sh's cache (.ci/run builds it before; here it
+# is built when missing, which needs Debian's package mirror once).
+DEBTREE=${OVERLAYCTL_DEBTREE_DIR:-/var/cache/overlayctl/debian-trixie}
+case " $SEQUENCES " in *" usr-dpkg@"*)
+    if ! "$REPO/tools/debian-tree.sh" "$DEBTREE" || ! ls "$DEBTREE"/debs/hello_*.deb "$DEBTREE"/debs/bash-completion_*.deb >/dev/null; then
+        echo "vm-tests: FAILED: tools/debian-tree.sh could not provide hello and bash-completion in $DEBTREE/debs" >&2
+        echo "0 passed, 1 failed"
+        exit 3
+    fi ;;
+esac
+
+run_sequence() {  # run_sequence SCENARIO@KERNEL_SUITE: that scenario's boots on a fresh copy of the root
+SC=${1%@*} KS=${1#*@}
+NAME=$(seq_name "$1")
+TAG=$KS; [ "$SC" = main ] || TAG="$KS $SC"      # the prefix of this sequence's check names
+RUN=$CACHE/run-$NAME
 PASS=0 FAIL=0 FAILED_NAMES=() BOOT_TIMES=() RETRIED=()
 echo
-echo "################### guest kernel from Debian $KS"
+echo "################### $SC: guest kernel from Debian $KS"
 
 # ------------------------------------------------------------------ 2. this run: root copy, payload
 t=$(now)
 rm -rf "$RUN"
-mkdir -p "$RUN/payload/images" "$RUN/src"
+mkdir -p "$RUN/payload" "$RUN/src"
 # a writable copy of the pristine root: it persists across the boots of this run only
 cp --sparse=always "${ROOT_OF[$KS]}" "$RUN/root.ext4"
 PL=$RUN/payload
 cp "$DEB" "$PL/"
-cp "$HERE/guest.py" "$PL/guest.py"
-printf '#!/bin/sh\nexec python3 /payload/guest.py "$(cat /payload/stage)"\n' >"$PL/run"
-chmod +x "$PL/run" "$PL/guest.py"
-# raw sysext images, built here on the host
-mkimg_tree() {  # mkimg_tree NAME FILE TEXT: a sysext tree with a release file and one file
-    local d=$RUN/src/$1
-    mkdir -p "$d/usr/lib/extension-release.d" "$d/usr/share/vmtest"
-    echo "ID=_any" >"$d/usr/lib/extension-release.d/extension-release.$1"
-    echo "$3" >"$d/usr/share/vmtest/$2"
-    echo "$d"
-}
-ok=0
-mksquashfs "$(mkimg_tree sqext squashfs.txt 'from squashfs')" "$PL/images/sqext.raw" -quiet -noappend >/dev/null || ok=1
-mkfs.erofs --quiet "$PL/images/erofsext.raw" "$(mkimg_tree erofsext erofs.txt 'from erofs')" >/dev/null || ok=1
-# GPT disk image with one /usr partition (DPS type for x86-64) holding a squashfs of usr/
-g=$(mkimg_tree gptext gpt.txt 'from gpt')
-mksquashfs "$g/usr" "$RUN/src/gpt-usr.sqfs" -quiet -noappend >/dev/null || ok=1
-sectors=$(( $(stat -c %s "$RUN/src/gpt-usr.sqfs") / 512 + 8 ))
-truncate -s $(( (2048 + sectors + 64) * 512 )) "$PL/images/gptext.raw"
-echo "label: gpt
+case $SC in
+main)
+    cp "$HERE/guest.py" "$PL/guest.py"
+    cat >"$PL/run" <<'EOF'
+#!/bin/sh
+stage=$(cat /payload/stage)
+case $stage in
+    verity) exec python3 /payload/verity_guest.py run /payload/verity ;;
+    *) exec python3 /payload/guest.py "$stage" ;;
+esac
+EOF
+    mkdir -p "$PL/images"
+    # raw sysext images, built here on the host
+    mkimg_tree() {  # mkimg_tree NAME FILE TEXT: a sysext tree with a release file and one file
+        local d=$RUN/src/$1
+        mkdir -p "$d/usr/lib/extension-release.d" "$d/usr/share/vmtest"
+        echo "ID=_any" >"$d/usr/lib/extension-release.d/extension-release.$1"
+        echo "$3" >"$d/usr/share/vmtest/$2"
+        echo "$d"
+    }
+    ok=0
+    mksquashfs "$(mkimg_tree sqext squashfs.txt 'from squashfs')" "$PL/images/sqext.raw" -quiet -noappend >/dev/null || ok=1
+    mkfs.erofs --quiet "$PL/images/erofsext.raw" "$(mkimg_tree erofsext erofs.txt 'from erofs')" >/dev/null || ok=1
+    # GPT disk image with one /usr partition (DPS type for x86-64) holding a squashfs of usr/
+    g=$(mkimg_tree gptext gpt.txt 'from gpt')
+    mksquashfs "$g/usr" "$RUN/src/gpt-usr.sqfs" -quiet -noappend >/dev/null || ok=1
+    sectors=$(( $(stat -c %s "$RUN/src/gpt-usr.sqfs") / 512 + 8 ))
+    truncate -s $(( (2048 + sectors + 64) * 512 )) "$PL/images/gptext.raw"
+    echo "label: gpt
 start=2048, size=$sectors, type=8484680C-9521-48C6-9C11-B0720656F69E" | sfdisk -q "$PL/images/gptext.raw" >/dev/null || ok=1
-dd if="$RUN/src/gpt-usr.sqfs" of="$PL/images/gptext.raw" bs=512 seek=2048 conv=notrunc status=none || ok=1
-hostcheck "[$KS] host: squashfs, erofs and GPT sysext images built" $ok \
-    "$(cd "$PL/images" && for f in *.raw; do printf '%s (%s) ' "$f" "$(file -b "$f" 2>/dev/null | cut -d, -f1 || true)"; done)"
+    dd if="$RUN/src/gpt-usr.sqfs" of="$PL/images/gptext.raw" bs=512 seek=2048 conv=notrunc status=none || ok=1
+    hostcheck "[$TAG] host: squashfs, erofs and GPT sysext images built" $ok \
+        "$(cd "$PL/images" && for f in *.raw; do printf '%s (%s) ' "$f" "$(file -b "$f" 2>/dev/null | cut -d, -f1 || true)"; done)"
+    # the verified images of the last boot (verity_guest.py build: squashfs, veritysetup, openssl,
+    # sfdisk); the guest imports the installed package, not the checkout
+    python3 "$HERE/verity_guest.py" build "$PL/verity" >"$RUN/verity-build.log" 2>&1
+    hostcheck "[$TAG] host: verified images built (verity_guest.py build)" $? "$(tail -1 "$RUN/verity-build.log")"
+    cp "$HERE/verity_guest.py" "$HERE/verity_smoke.py" "$PL/"
+    # EXTENSION_RESTART_UNITS= and the rest of restart_units_guest.py: guest.py boot2 runs it
+    # when it is in the payload, on one kernel
+    [ "$KS" = "$RESTART_UNITS_KERNEL" ] && cp "$HERE/restart_units_guest.py" "$PL/"
+    ;;
+usr-dpkg)
+    cp "$HERE/usr_dpkg_guest.py" "$PL/"
+    mkdir -p "$PL/debs"
+    for p in hello bash-completion; do cp "$(ls "$DEBTREE"/debs/"${p}"_*.deb | tail -1)" "$PL/debs/"; done
+    printf '#!/bin/sh\nexec python3 /payload/usr_dpkg_guest.py "$(cat /payload/stage)"\n' >"$PL/run"
+    ;;
+flatcar)
+    cp "$HERE/flatcar_commit_guest.py" "$PL/"
+    printf '#!/bin/sh\nexec python3 /payload/flatcar_commit_guest.py "$(cat /payload/stage)"\n' >"$PL/run"
+    ;;
+esac
+chmod +x "$PL/run"
 say "run directory $RUN prepared in $(el "$t")s"
 
 # ------------------------------------------------------------------ 3. boots
@@ -187,7 +269,7 @@ crashed_before_payload() {  # crashed_before_payload LOG: prints the crash's fir
 boot() {  # boot N STAGE INIT TITLE
     local n=$1 stage=$2 init=$3 title=$4 t rc log attempt tag crash append
     echo
-    echo "=================== [$KS] boot $n ($init as PID 1): $title"
+    echo "=================== [$TAG] boot $n (${init##*/} as PID 1): $title"
     echo "$stage" >"$PL/stage"
     t=$(now)
     cp --sparse=always "$RUN/root.ext4" "$RUN/root.before-$stage.ext4"
@@ -198,17 +280,17 @@ boot() {  # boot N STAGE INIT TITLE
         # payload (init= of a missing file), to see the retry work
         append=
         [ $attempt = 1 ] && [ "${OVERLAYCTL_VM_INJECT_PANIC:-}" = "$stage" ] && append=init=/sbin/vm-test-injected-panic
-        KERNEL_SUITE=$KS RUN_DIR=$RUN ROOT_DISK=$RUN/root.ext4 INIT=$init LOG_TAG=$tag TIMEOUT=${BOOT_TIMEOUT:-300} \
+        KERNEL_SUITE=$KS RUN_DIR=$RUN ROOT_DISK=$RUN/root.ext4 INIT=$init LOG_TAG=$tag TIMEOUT=${BOOT_TIMEOUT:-400} \
             APPEND=$append "$HERE/vm-boot.sh" "$CACHE" "$PL" 2>&1 | grep -v -E '^vm-boot: (prep|sizes|total wall)'
         rc=${PIPESTATUS[0]}
         log=$RUN/$tag-1.log
         [ $attempt = 1 ] || break
         crash=$(crashed_before_payload "$log") || break
-        echo "vm-tests: RETRY: [$KS] boot $n ($stage): the guest kernel crashed before the payload started:"
+        echo "vm-tests: RETRY: [$TAG] boot $n ($stage): the guest kernel crashed before the payload started:"
         echo "$crash" | sed 's/^/vm-tests: RETRY:   /'
         echo "vm-tests: RETRY: the root disk is put back as it was before this boot, and the boot runs once more" \
              "(first attempt's log: $log)"
-        RETRIED+=("[$KS] boot $n ($stage): $(echo "$crash" | head -1)")
+        RETRIED+=("[$TAG] boot $n ($stage): $(echo "$crash" | head -1)")
         cp --sparse=always "$RUN/root.before-$stage.ext4" "$RUN/root.ext4"
         [ -e "$RUN/persist.before-$stage.ext4" ] && cp --sparse=always "$RUN/persist.before-$stage.ext4" "$RUN/persist.ext4"
     done
@@ -218,87 +300,147 @@ boot() {  # boot N STAGE INIT TITLE
     f=$(grep -c '] CHECK FAIL' "$log" 2>/dev/null)
     PASS=$((PASS + p)); FAIL=$((FAIL + f))
     while IFS= read -r line; do FAILED_NAMES+=("$line"); done \
-        < <(grep '] CHECK FAIL' "$log" | sed -E "s/.*CHECK FAIL (.*) :: .*/[$KS] \\1/")
-    if grep -q 'VM-TEST-EXIT' "$log"; then
-        hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 0 "guest checks: $p passed, $f failed"
+        < <(grep '] CHECK FAIL' "$log" | sed -E "s/.*CHECK FAIL (.*) :: .*/[$TAG] \\1/")
+    local exit
+    exit=$(sed -n 's/.*VM-TEST-EXIT: \([0-9]*\).*/\1/p' "$log" | head -1)
+    if [ -n "$exit" ] && [ "$exit" != 0 ] && [ "$f" = 0 ]; then
+        # a payload that failed without saying which check: a crash of the guest script
+        hostcheck "[$TAG] boot $n ($stage) ran its payload to the end" 1 \
+            "the payload exited $exit, but no check failed (see $log)"
+    elif [ -n "$exit" ]; then
+        hostcheck "[$TAG] boot $n ($stage) ran its payload to the end" 0 "guest checks: $p passed, $f failed"
     elif crash=$(crashed_before_payload "$log"); then
-        hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 1 \
+        hostcheck "[$TAG] boot $n ($stage) ran its payload to the end" 1 \
             "the guest kernel crashed before the payload$([ "$tag" = "$stage" ] || echo ", twice"): $(echo "$crash" | head -1)"
     else
-        hostcheck "[$KS] boot $n ($stage) ran its payload to the end" 1 "no exit marker (rc $rc: 124 = time-out)"
+        hostcheck "[$TAG] boot $n ($stage) ran its payload to the end" 1 "no exit marker (rc $rc: 124 = time-out)"
     fi
-    BOOT_TIMES+=("[$KS] boot $n ($init, $stage): $(el "$t")s$([ "$tag" = "$stage" ] || echo " (retried)")")
+    BOOT_TIMES+=("[$TAG] boot $n (${init##*/}, $stage): $(el "$t")s$([ "$tag" = "$stage" ] || echo " (retried)")")
     echo "=================== boot $n done in $(el "$t")s (rc $rc)"
 }
 
 dbg() { debugfs -R "$1" "$RUN/root.ext4" 2>/dev/null; }
+fsck_clean() {  # fsck_clean AFTER: e2fsck of the powered-off guest's root disk
+    local rc
+    e2fsck -fy "$RUN/root.ext4" >"$RUN/e2fsck.log" 2>&1; rc=$?
+    hostcheck "[$TAG] host: guest root file system clean after $1 (e2fsck)" $([ $rc -le 1 ] && echo 0 || echo 1) \
+        "e2fsck rc $rc: $(tail -1 "$RUN/e2fsck.log")"
+}
 
-boot 0 install vm-init "install overlayctl, units, extensions, confext, defaults"
-boot 1 boot1 systemd "units merge at boot; hello-ext.service; /etc written; ephemeral /usr written"
+case $SC in
+main)
+    boot 0 install vm-init "install overlayctl, units, extensions, confext, defaults"
+    boot 1 boot1 systemd "units merge at boot; hello-ext.service; /etc written; ephemeral /usr written"
 
-echo
-echo "=================== between boot 1 and boot 2 (host, on the guest's root image)"
-t=$(now)
-e2fsck -fy "$RUN/root.ext4" >"$RUN/e2fsck.log" 2>&1; rc=$?
-hostcheck "[$KS] host: guest root file system clean after boot 1 (e2fsck)" $([ $rc -le 1 ] && echo 0 || echo 1) \
-    "e2fsck rc $rc: $(tail -1 "$RUN/e2fsck.log")"
-got=$(dbg 'cat /etc/vmtest/local.conf')
-hostcheck "[$KS] host: /etc/vmtest/local.conf of boot 1 is in the real /etc on disk" \
-    $([ "$got" = "written in boot 1" ] && echo 0 || echo 1) "'$got'"
-got=$(dbg 'cat /etc/vmtest/default.conf' | tr '\n' '|')
-hostcheck "[$KS] host: the edited default was copied up into the real /etc" \
-    $([ "$got" = "default v1|local edit in boot 1|" ] && echo 0 || echo 1) "'$got'"
-got=$(debugfs -R 'stat /usr/share/vmtest/ephemeral.txt' "$RUN/root.ext4" 2>&1 | grep -v '^debugfs [0-9]' | head -1)
-hostcheck "[$KS] host: the ephemeral /usr write of boot 1 never reached the disk" \
-    $(echo "$got" | grep -q 'not found' && echo 0 || echo 1) "$got"
-# "OS update": new versions of two defaults
-echo "default v2" >"$RUN/src/default.conf"
-echo "untouched v2" >"$RUN/src/untouched.conf"
-debugfs -w -f - "$RUN/root.ext4" >"$RUN/debugfs-update.log" 2>&1 <<EOF
+    echo
+    echo "=================== between boot 1 and boot 2 (host, on the guest's root image)"
+    t=$(now)
+    fsck_clean "boot 1"
+    got=$(dbg 'cat /etc/vmtest/local.conf')
+    hostcheck "[$TAG] host: /etc/vmtest/local.conf of boot 1 is in the real /etc on disk" \
+        $([ "$got" = "written in boot 1" ] && echo 0 || echo 1) "'$got'"
+    got=$(dbg 'cat /etc/vmtest/default.conf' | tr '\n' '|')
+    hostcheck "[$TAG] host: the edited default was copied up into the real /etc" \
+        $([ "$got" = "default v1|local edit in boot 1|" ] && echo 0 || echo 1) "'$got'"
+    got=$(debugfs -R 'stat /usr/share/vmtest/ephemeral.txt' "$RUN/root.ext4" 2>&1 | grep -v '^debugfs [0-9]' | head -1)
+    hostcheck "[$TAG] host: the ephemeral /usr write of boot 1 never reached the disk" \
+        $(echo "$got" | grep -q 'not found' && echo 0 || echo 1) "$got"
+    # "OS update": new versions of two defaults
+    echo "default v2" >"$RUN/src/default.conf"
+    echo "untouched v2" >"$RUN/src/untouched.conf"
+    debugfs -w -f - "$RUN/root.ext4" >"$RUN/debugfs-update.log" 2>&1 <<EOF
 cd /usr/share/vmtest/etc-defaults/vmtest
 rm default.conf
 write $RUN/src/default.conf default.conf
 rm untouched.conf
 write $RUN/src/untouched.conf untouched.conf
 EOF
-got="$(dbg 'cat /usr/share/vmtest/etc-defaults/vmtest/default.conf') / $(dbg 'cat /usr/share/vmtest/etc-defaults/vmtest/untouched.conf')"
-hostcheck "[$KS] host: defaults updated on the root image (debugfs)" \
-    $([ "$got" = "default v2 / untouched v2" ] && echo 0 || echo 1) "$got"
-echo "=================== host step done in $(el "$t")s"
+    got="$(dbg 'cat /usr/share/vmtest/etc-defaults/vmtest/default.conf') / $(dbg 'cat /usr/share/vmtest/etc-defaults/vmtest/untouched.conf')"
+    hostcheck "[$TAG] host: defaults updated on the root image (debugfs)" \
+        $([ "$got" = "default v2 / untouched v2" ] && echo 0 || echo 1) "$got"
+    echo "=================== host step done in $(el "$t")s"
 
-boot 2 boot2 systemd "persistence, ephemeral gone, diff default_changed, refresh under a reader loop"
+    boot 2 boot2 systemd "persistence, ephemeral gone, diff default_changed, refresh under a reader loop$([ -e "$PL/restart_units_guest.py" ] && echo ", restart units")"
+    boot 3 verity vm-init "verified images (verity_guest.py): dm-verity, signatures, EIO, the Flatcar model"
+    ;;
+usr-dpkg)
+    boot 0 install vm-init "install overlayctl, enable its units; /usr its own upper; the sysext 'tools'"
+    boot 1 boot1 systemd "merged at boot, writable; dpkg -i hello bash-completion"
+    boot 2 boot2 systemd "after the reboot: dpkg --verify; a later sysext in a package-made directory; dpkg -r hello"
+    boot 3 boot3 systemd "after the reboot: the extension's hello back, no whiteout in the plain /usr"
+    echo
+    echo "=================== after boot 3 (host, on the guest's root image)"
+    t=$(now)
+    fsck_clean "boot 3"
+    while IFS= read -r line; do
+        name=${line#CHECK PASS usr-dpkg }; name=${name#CHECK FAIL usr-dpkg }; name=${name%% :: *}
+        detail=${line#* :: }
+        case $line in "CHECK PASS "*) st=0 ;; *) st=1 ;; esac
+        hostcheck "[$TAG] $name" $st "$detail"
+    done < <(python3 "$HERE/usr_dpkg_guest.py" host "$RUN/root.ext4" | grep '^CHECK ')
+    echo "=================== host step done in $(el "$t")s"
+    ;;
+flatcar)
+    boot 0 install vm-init "install overlayctl; the image's /etc moved to /usr/share/flatcar/etc"
+    W=/usr/local/sbin/flatcar-vm-init
+    boot 1 boot1 $W "first boot, /etc mode yes: written, cleanup, confext commit site"
+    boot 2 boot2 $W "the real /etc emptied before systemd; read-only: defaults + site"
+    boot 3 boot3 $W "read-only again after a reboot"
+    boot 4 boot4 $W "ephemeral-import: the same /etc, writable, writes to a tmpfs"
+    boot 5 boot5 $W "after a reboot: the ephemeral writes are gone"
+    echo
+    echo "=================== after boot 5 (host, on the guest's root image)"
+    t=$(now)
+    fsck_clean "boot 5"
+    # ls -p: /INODE/MODE/UID/GID/NAME/SIZE/ a line (an empty directory block shows inode 0)
+    got=$(dbg 'ls -p /etc' | awk -F/ '$2 != 0 && $6 != "" && $6 != "." && $6 != ".." { print $6 }' | tr '\n' ' ')
+    hostcheck "[$TAG] host: the real /etc on disk is empty (everything is in site.raw and the defaults)" \
+        $([ -z "$got" ] && echo 0 || echo 1) "entries in /etc: ${got:-none}"
+    got=$(dbg 'stat /var/lib/confexts/site.raw' | head -1)
+    hostcheck "[$TAG] host: /var/lib/confexts/site.raw is on disk" \
+        $(echo "$got" | grep -q 'Type: regular' && echo 0 || echo 1) "$got"
+    echo "=================== host step done in $(el "$t")s"
+    ;;
+esac
 }
 
 # ------------------------------------------------------------------ 4. the sequences, side by side
 # Each guest runs its two vCPUs in one host thread (vm-boot.sh, TCG_THREAD=single), so the
-# sequences of the kernels run at the same time, $OVERLAYCTL_VM_PARALLEL at once (default: the
-# host's cores). Each one's console goes to $CACHE/console-KERNEL.log and is shown here in
-# order: the first one live, the others from their start once the one before has ended. Each
-# sequence leaves its counts in $CACHE/result-KERNEL.sh.
+# sequences run at the same time, $OVERLAYCTL_VM_PARALLEL at once (default: the host's cores):
+# whenever one ends, the next one starts. Each one's console goes to $CACHE/console-NAME.log and
+# is shown here in the order of $SEQUENCES: the first one live, each other one from its start
+# once the one before it has been shown. Each sequence leaves its counts in
+# $CACHE/result-NAME.sh.
 PARALLEL=${OVERLAYCTL_VM_PARALLEL:-$(nproc)}
 [ "$PARALLEL" -ge 1 ] 2>/dev/null || PARALLEL=1
-declare -A SEQ_PID
-SEQS=($KERNELS)
-next=0
-for ((i = 0; i < ${#SEQS[@]}; i++)); do
-    while [ $next -lt ${#SEQS[@]} ] && [ $((next - i)) -lt "$PARALLEL" ]; do
-        k=${SEQS[$next]}
-        rm -f "$CACHE/result-$k.sh"
-        ( run_sequence "$k"
-          declare -p PASS FAIL FAILED_NAMES BOOT_TIMES RETRIED >"$CACHE/result-$k.sh" ) >"$CACHE/console-$k.log" 2>&1 &
-        SEQ_PID[$k]=$!
-        next=$((next + 1))
+for s in $SEQUENCES; do rm -f "$CACHE/result-$(seq_name "$s").sh" "$CACHE/pid-$(seq_name "$s")"; done
+(   # the scheduler: at most $PARALLEL sequences at once
+    running=0
+    for s in $SEQUENCES; do
+        n=$(seq_name "$s")
+        if [ $running -ge "$PARALLEL" ]; then wait -n; running=$((running - 1)); fi
+        ( run_sequence "$s"
+          declare -p PASS FAIL FAILED_NAMES BOOT_TIMES RETRIED >"$CACHE/result-$n.sh" ) >"$CACHE/console-$n.log" 2>&1 &
+        echo $! >"$CACHE/pid-$n"
+        running=$((running + 1))
     done
-    k=${SEQS[$i]}
-    tail -n +1 --pid="${SEQ_PID[$k]}" -f "$CACHE/console-$k.log"
-    wait "${SEQ_PID[$k]}"
+    wait
+) &
+SCHED=$!
+for s in $SEQUENCES; do
+    n=$(seq_name "$s")
+    while [ ! -s "$CACHE/pid-$n" ]; do sleep 0.5; done
+    tail -n +1 --pid="$(cat "$CACHE/pid-$n")" -f "$CACHE/console-$n.log"
 done
+wait $SCHED
 TOTAL_PASS=0 TOTAL_FAIL=0 ALL_FAILED=() ALL_TIMES=() ALL_RETRIED=()
-for k in $KERNELS; do
-    PASS=0 FAIL=1 FAILED_NAMES=("[$k] the sequence left no result (see $CACHE/console-$k.log)") BOOT_TIMES=() RETRIED=()
-    [ -e "$CACHE/result-$k.sh" ] && . "$CACHE/result-$k.sh"
+for s in $SEQUENCES; do
+    n=$(seq_name "$s")
+    PASS=0 FAIL=1 FAILED_NAMES=("[$s] the sequence left no result (see $CACHE/console-$n.log)") BOOT_TIMES=() RETRIED=()
+    [ -e "$CACHE/result-$n.sh" ] && . "$CACHE/result-$n.sh"
     TOTAL_PASS=$((TOTAL_PASS + PASS)); TOTAL_FAIL=$((TOTAL_FAIL + FAIL))
     ALL_FAILED+=("${FAILED_NAMES[@]}"); ALL_TIMES+=("${BOOT_TIMES[@]}"); ALL_RETRIED+=("${RETRIED[@]}")
+    rm -f "$CACHE/pid-$n"
 done
 
 # ------------------------------------------------------------------ 5. summary

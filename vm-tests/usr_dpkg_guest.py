@@ -1,16 +1,15 @@
 #!/usr/bin/python3
 """Guest side of the VM scenario of issue 10: the real /usr as its own upper, a sysext merged
 at boot by the units, dpkg installing and removing .debs across reboots (docs/modes.md,
-"Writable /usr on a package-managed distro"). Self-contained: it only needs what
-`guest.py install` leaves (overlayctl at /usr/local/bin/overlayctl, its units enabled) and
-the .debs in the payload. Not wired into run.sh yet; for the lead to hook in:
+"Writable /usr on a package-managed distro"). Self-contained: it installs overlayctl's
+Debian package from the payload itself and needs the .debs in the payload. vm-tests/run.sh
+runs it as its "usr-dpkg" sequence, on a fresh copy of the root image:
 
     payload:  /payload/usr_dpkg_guest.py (this file)
-              /payload/debs/*.deb         DEBS below, fetched on the host with
-                                          `apt-get download hello bash-completion` (trixie;
-                                          tools/debian-tree.sh's cache has both, in
-                                          /var/cache/overlayctl/debian-trixie/debs)
-    boots:    usr_dpkg_guest.py install   after guest.py install (vm-init as PID 1)
+              /payload/overlayctl_*.deb   this tree's package (tools/build-deb.sh)
+              /payload/debs/*.deb         DEBS below, from tools/debian-tree.sh's cache
+                                          (/var/cache/overlayctl/debian-trixie/debs)
+    boots:    usr_dpkg_guest.py install   vm-init as PID 1
               usr_dpkg_guest.py boot1     systemd as PID 1, then reboot
               usr_dpkg_guest.py boot2     systemd as PID 1, then reboot
               usr_dpkg_guest.py boot3     systemd as PID 1, then power off
@@ -19,12 +18,16 @@ the .debs in the payload. Not wired into run.sh yet; for the lead to hook in:
               then host_check(outputs) -> lines "CHECK PASS|FAIL name :: detail"
               (`python3 usr_dpkg_guest.py host ROOT.img` does both)
 
-It must not share a VM run with guest.py's boot 1, which re-merges /usr ephemeral: either a
-run of its own after `guest.py install`, or after guest.py's last boot (it sets the mode of
-/usr itself, in /etc/systemd/sysext.conf).
+It must not share a VM run with guest.py's boot 1, which re-merges /usr ephemeral.
+
+dpkg --verify is compared with its output at install time, before anything was merged: the
+guest's root image lacks the documentation, man pages and locales of the packages it was
+built with (vm-boot.sh removes them to keep it small), which dpkg reports as missing; a check
+fails on any line that was not there then.
 
 What each boot checks:
-  install  /var/lib/extensions.mutable/usr -> ../../../usr, Mutable=yes for sysext, the
+  install  dpkg -i overlayctl's package, its two boot units enabled;
+           /var/lib/extensions.mutable/usr -> ../../../usr, Mutable=yes for sysext, the
            sysext "tools" (/usr/bin/hello, a script; an empty /usr/share/doc/hello; files in
            /usr/share/tools, so that /usr/share is a directory of a lower layer).
   boot1    merged at boot, /usr its own upper and writable; dpkg -i hello bash-completion:
@@ -54,7 +57,7 @@ import sys
 from typing import Any
 
 P = "/payload"
-OL = "/usr/local/bin/overlayctl"
+OL = "/usr/bin/overlayctl"             # from the Debian package in the payload
 STATE = "/var/lib/vmtest/usr-dpkg"
 DEBS = ("hello", "bash-completion")
 EXT = "/var/lib/extensions"
@@ -84,15 +87,6 @@ def sh(cmd: str) -> tuple[int, str]:
     for line in out.splitlines():
         say(f"  | {line}")
     return r.returncode, out
-
-
-def out_of(cmd: str) -> str:
-    """STDOUT alone (dpkg --verify reports there and exits 0 either way)."""
-    r = subprocess.run(cmd, shell=True, capture_output=True, text=True)
-    say(f"$ {cmd}   [rc={r.returncode}]")
-    for line in (r.stdout + r.stderr).splitlines():
-        say(f"  | {line}")
-    return r.stdout
 
 
 def write(path: str, text: str, mode: int = 0o644) -> None:
@@ -166,7 +160,39 @@ def plain_usr_whiteouts() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def dpkg_verify() -> str:
+    """What dpkg --verify reports now and did not report at install time (printed)."""
+    r = subprocess.run(["dpkg", "--verify"], capture_output=True, text=True)
+    base = set((read(f"{STATE}/verify.base") or "").splitlines())
+    new = [line for line in r.stdout.splitlines() if line not in base]
+    say(f"$ dpkg --verify   [rc={r.returncode}, {len(r.stdout.splitlines())} lines, "
+        f"{len(new)} not in the install-time baseline]")
+    for line in new + r.stderr.splitlines():
+        say(f"  | {line}")
+    return "\n".join(new)
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def stage_install() -> None:
+    pkg = sorted(glob.glob(f"{P}/overlayctl_*.deb"))
+    rc, out = sh("dpkg -i " + " ".join(pkg[-1:]))
+    check("install: dpkg -i overlayctl's package", len(pkg) == 1 and rc == 0, out[-300:])
+    rc, out = sh("systemctl enable overlayctl-sysext.service overlayctl-confext.service")
+    check("install: the boot units enabled", rc == 0, out)
+    # a machine id now, so that boot 1 is not systemd's "first boot"
+    sh("systemd-machine-id-setup")
+    os.makedirs(STATE, exist_ok=True)
+    base = subprocess.run(["dpkg", "--verify"], capture_output=True, text=True).stdout
+    write(f"{STATE}/verify.base", base)
+    say(f"dpkg --verify at install, before any merge (the baseline): {len(base.splitlines())} "
+        f"lines, e.g. {base.splitlines()[:1]}")
     os.makedirs("/var/lib/extensions.mutable", exist_ok=True)
     link = "/var/lib/extensions.mutable/usr"
     if os.path.lexists(link):
@@ -175,7 +201,6 @@ def stage_install() -> None:
     write("/etc/systemd/sysext.conf", "[SysExt]\nMutable=yes\n")
     sysext("tools", {"usr/bin/hello": EXT_HELLO, "usr/share/tools/README": "tools\n"},
            dirs=("usr/share/doc/hello",))
-    os.makedirs(STATE, exist_ok=True)
     for d in debs():
         shutil.copy(d, STATE)
     check("install: /usr will be its own upper", os.readlink(link) == "../../../usr")
@@ -194,8 +219,8 @@ def stage_boot1() -> None:
     check("boot1: the package's hello wins over the extension's", out.strip() == PKG_HELLO, out)
     for d in ("/usr/share/pkgconfig", "/usr/share/cmake", "/usr/share/bash-completion/helpers"):
         check(f"boot1: bash-completion made {d}", os.path.isdir(d))
-    v = out_of("dpkg --verify")
-    check("boot1: dpkg --verify clean while merged", v == "", v)
+    v = dpkg_verify()
+    check("boot1: dpkg --verify clean while merged (nothing new)", v == "", v)
 
 
 def stage_boot2() -> None:
@@ -203,8 +228,8 @@ def stage_boot2() -> None:
     rc, out = sh("hello")
     check("boot2: the package's hello is still there after the reboot",
           out.strip() == PKG_HELLO, out)
-    v = out_of("dpkg --verify")
-    check("boot2: dpkg --verify clean after the reboot", v == "", v)
+    v = dpkg_verify()
+    check("boot2: dpkg --verify clean after the reboot (nothing new)", v == "", v)
     sysext("pc", {PC.lstrip("/"): "Name: pc-ext\n"})
     rc, out = sh("systemctl reload overlayctl-sysext.service")
     check("boot2: systemctl reload overlayctl-sysext.service", rc == 0, out)
@@ -227,8 +252,8 @@ def stage_boot2() -> None:
     check("boot2: dpkg -r hello while merged", rc == 0, out[-300:])
     check("boot2: /usr/bin/hello and /usr/share/doc/hello gone while merged",
           not os.path.lexists("/usr/bin/hello") and not os.path.lexists("/usr/share/doc/hello"))
-    v = out_of("dpkg --verify")
-    check("boot2: dpkg --verify clean after the removal", v == "", v)
+    v = dpkg_verify()
+    check("boot2: dpkg --verify clean after the removal (nothing new)", v == "", v)
 
 
 def stage_boot3() -> None:
@@ -239,8 +264,8 @@ def stage_boot3() -> None:
           os.path.isdir("/usr/share/doc/hello"))
     check("boot3: the later extension's file still shows", os.path.isfile(PC))
     check("boot3: no 0:0 device in the plain /usr", plain_usr_whiteouts() == [])
-    v = out_of("dpkg --verify")
-    check("boot3: dpkg --verify clean", v == "", v)
+    v = dpkg_verify()
+    check("boot3: dpkg --verify clean (nothing new)", v == "", v)
     rc, out = sh("dpkg-query -W -f '${Status}' hello")
     check("boot3: dpkg knows hello as removed", "installed" not in out or "not-installed" in out,
           out)
@@ -294,7 +319,15 @@ def main() -> int:
     if stage not in stages:
         say(f"usage: {sys.argv[0]} install|boot1|boot2|boot3|host IMAGE")
         return 2
-    stages[stage]()
+    try:
+        stages[stage]()
+    except Exception as e:      # a crash is a failed check, with the traceback on the console
+        import traceback
+        for line in traceback.format_exc().splitlines():
+            say(f"  | {line}")
+        check(f"{stage}: guest script completed", False, repr(e))
+    sys.stdout.flush()
+    os.sync()
     return 1 if failed else 0
 
 

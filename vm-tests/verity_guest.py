@@ -8,9 +8,11 @@ device-mapper and dm-verity (the development host has neither).
     vm-tests/verity_guest.py run DIR     # in the guest, as root; DIR may be read-only
 
 `run` needs: python3 with python3-cryptography and python3-asn1crypto (userspace signature
-checks), the overlayctl package next to this script or on $PYTHONPATH, the loop, dm_mod and
+checks), the overlayctl package (installed, as vm-tests/run.sh's guests have it, or next to
+this script or on $PYTHONPATH), the loop, dm_mod and
 dm_verity modules (modprobe'd), losetup. It runs `python3 -m overlayctl` as a user would and
-prints one line per check ("ok  ..." or "FAIL ..."), then "N passed, N failed"; the exit
+prints one line per check ("CHECK PASS verity: ..." or "CHECK FAIL verity: ... :: why", as
+guest.py does, so that run.sh counts them), then "N passed, N failed"; the exit
 status is 0 only if nothing failed. The scenarios:
 
 1. sidecar and DDI images (unsigned) activate and merge: files read through /usr, status and
@@ -55,9 +57,13 @@ results: list[tuple[str, bool]] = []
 
 
 def check(name: str, ok: object, detail: str = "") -> bool:
+    """One line "CHECK PASS|FAIL verity: NAME :: DETAIL" (run.sh counts them, as guest.py's);
+    the detail only for a failure."""
     results.append((name, bool(ok)))
-    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail and not ok else ''}",
-          flush=True)
+    first, *rest = (detail if not ok else "").strip().splitlines() or [""]
+    print(f"CHECK {'PASS' if ok else 'FAIL'} verity: {name} :: {first}", flush=True)
+    for line in rest:
+        print(f"  | {line}", flush=True)
     return bool(ok)
 
 
@@ -422,7 +428,8 @@ def scenario_flatcar(g: Guest) -> None:
     shutil.copy(g.base / g.m["trusted"], "/etc/verity.d/flatcar-test.crt")
     mut = Path("/var/lib/extensions.mutable")
     mut.mkdir(parents=True, exist_ok=True)
-    if not (mut / "etc").is_symlink():
+    made_link = not (mut / "etc").is_symlink()
+    if made_link:
         (mut / "etc").symlink_to("/etc")
     r = oc(None, "confext", "merge", "--mutable=yes")
     if not check("flatcar: confext merge --mutable=yes, /etc as its own upper",
@@ -456,7 +463,8 @@ def scenario_flatcar(g: Guest) -> None:
     # Leave the guest as it was.
     shutil.rmtree("/etc/flatcar", ignore_errors=True)
     os.unlink("/etc/verity.d/flatcar-test.crt")
-    (mut / "etc").unlink()
+    if made_link:
+        (mut / "etc").unlink()
     for f in g.m["cases"]["flatcar"]["files"]:
         os.unlink(confexts / f)
 

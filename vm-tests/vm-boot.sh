@@ -17,6 +17,8 @@
 #     panics on any oops (oops=panic), so that a crashed guest ends the VM at once;
 #   * APPEND=... is added to the kernel command line;
 #   * INIT=systemd boots vm-test.target: sysinit.target, sockets.target and the payload;
+#     INIT=/ABSOLUTE/PATH boots that guest program as PID 1 with the same systemd options
+#     (a wrapper that prepares the root, then execs systemd);
 #   * only the root is NVMe (the nvme driver probes asynchronously, so with three NVMe disks
 #     nvme0n1 was sometimes not the root); persist and payload are virtio-blk (a module,
 #     loaded by vm-run-payload).
@@ -42,7 +44,7 @@
 #   results: serial console (stdout) and the exit status; files can be read back from
 #            DIR/persist.ext4 without mounting: debugfs -R 'cat /FILE' DIR/persist.ext4
 #
-# Env: SUITE=trixie MIRROR=... ENGINE=qemu|uml ACCEL=tcg|kvm INIT=vm-init|systemd BOOTS=1
+# Env: SUITE=trixie MIRROR=... ENGINE=qemu|uml ACCEL=tcg|kvm INIT=vm-init|systemd|/PATH BOOTS=1
 #      SMP=2 MEM=1024 EXTRA_PKGS=python3-pytest,... RESET_PERSIST=1 KEEP_GOING=1
 #      TCG_THREAD=single|multi APPEND="kernel options"
 # TCG_THREAD=single (default): QEMU's multi-threaded TCG (one host thread per vCPU, QEMU's
@@ -329,7 +331,10 @@ T_PAYLOAD=$(el "$t")
 case $INIT in
     vm-init) INITARG="init=/sbin/vm-init" ;;
     systemd) INITARG="init=/lib/systemd/systemd systemd.unit=vm-test.target systemd.show_status=0" ;;
-    *) echo "vm-boot: INIT must be vm-init or systemd" >&2; exit 2 ;;
+    # a program of the guest's that execs systemd in the end (vm-tests/flatcar_commit_guest.py's
+    # flatcar-vm-init: what Flatcar's initrd does to /etc first), booted like INIT=systemd
+    /*) INITARG="init=$INIT systemd.unit=vm-test.target systemd.show_status=0" ;;
+    *) echo "vm-boot: INIT must be vm-init, systemd or the absolute path of a guest program that execs systemd" >&2; exit 2 ;;
 esac
 boot_cmd() {
     if [ "$ENGINE" = uml ]; then
