@@ -5,6 +5,7 @@ temporary --root directory. Every mount a test leaves below its root fails the t
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,21 @@ def mounts_below(path: str) -> list[str]:
 def umount_all_below(path: str) -> None:
     for mp in sorted(mounts_below(path), key=len, reverse=True):
         subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+
+
+def pty_output(master: int) -> str:
+    """Everything a pseudo-terminal's slave side got, read from MASTER (the pty hands output
+    over asynchronously: read until nothing more comes for a while)."""
+    out = b""
+    while select.select([master], [], [], 0.3)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out.decode()
 
 
 @dataclass

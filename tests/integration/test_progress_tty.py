@@ -8,14 +8,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import select
 import subprocess
 import sys
 
 import pytest
 
 from overlayctl import progress
-from tests.conftest import REPO, Root
+from tests.conftest import REPO, Root, pty_output
 
 pytestmark = pytest.mark.root
 
@@ -31,21 +30,6 @@ def flatcar(root: Root, n: int) -> None:
             (base / f"d{i // 50}/f{i}").write_text(text)
 
 
-def read_all(fd: int) -> str:
-    """Everything the terminal got (the pty hands output over asynchronously: read until
-    nothing more comes for a while)."""
-    out = b""
-    while select.select([fd], [], [], 0.3)[0]:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out.decode()
-
-
 def test_quick_diff_on_a_terminal_prints_no_progress(root: Root) -> None:
     flatcar(root, 20)
     master, slave = os.openpty()
@@ -56,7 +40,7 @@ def test_quick_diff_on_a_terminal_prints_no_progress(root: Root) -> None:
         assert p.returncode == 0
         rows = json.loads(p.stdout)
         assert sorted({r["change"] for r in rows}) == ["identical", "modified"]
-        assert read_all(master) == ""
+        assert pty_output(master) == ""
     finally:
         os.close(slave)
         os.close(master)
@@ -76,7 +60,7 @@ def test_slow_diff_shows_the_line_on_the_terminal_only(root: Root,
     try:
         assert main([f"--root={root.path}", "diff", "--json=short"]) == 0
         term.flush()
-        seen = read_all(master)
+        seen = pty_output(master)
     finally:
         term.close()
         os.close(slave)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import select
 import sys
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ import pytest
 
 from overlayctl import progress
 from overlayctl.progress import Progress
+from tests.conftest import pty_output
 
 
 @pytest.fixture
@@ -24,21 +24,6 @@ def tty() -> Iterator[tuple[io.TextIOWrapper, int]]:
     yield stream, master
     stream.close()
     os.close(master)
-
-
-def shown(master: int) -> str:
-    """Everything the terminal got (the pty hands output over asynchronously: read until
-    nothing more comes for a while)."""
-    out = b""
-    while select.select([master], [], [], 0.3)[0]:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out.decode()
 
 
 @pytest.fixture
@@ -53,7 +38,7 @@ def test_line_after_the_delay_then_erased(tty: tuple[io.TextIOWrapper, int], fas
     with Progress("entries read", stream=stream) as p:
         for _ in range(3):
             p.tick()
-    out = shown(master)
+    out = pty_output(master)
     assert "\roverlayctl: 1 entries read (0 s)\x1b[K" in out
     assert "\roverlayctl: 3 entries read (0 s)\x1b[K" in out
     assert out.endswith("\r\x1b[K")          # erased: the terminal is as it was
@@ -64,7 +49,7 @@ def test_nothing_within_the_first_second(tty: tuple[io.TextIOWrapper, int]) -> N
     with Progress("entries read", stream=stream) as p:
         for _ in range(10 * progress.CHECK_EVERY):
             p.tick()
-    assert shown(master) == ""
+    assert pty_output(master) == ""
 
 
 def test_nothing_on_a_pipe(fast: None) -> None:
@@ -84,7 +69,7 @@ def test_nothing_when_the_output_streams_to_the_terminal(
     monkeypatch.setattr(sys, "stdout", stream)      # stdout is that terminal too
     with Progress("entries read", streaming=True, stream=stream) as p:
         p.tick()
-    assert shown(master) == ""
+    assert pty_output(master) == ""
     with Progress("entries read", streaming=False, stream=stream) as p:
         p.tick()
-    assert "entries read" in shown(master)
+    assert "entries read" in pty_output(master)
