@@ -315,7 +315,9 @@ boot() {  # boot N STAGE INIT TITLE
     else
         hostcheck "[$TAG] boot $n ($stage) ran its payload to the end" 1 "no exit marker (rc $rc: 124 = time-out)"
     fi
-    BOOT_TIMES+=("[$TAG] boot $n (${init##*/}, $stage): $(el "$t")s$([ "$tag" = "$stage" ] || echo " (retried)")")
+    local hung=
+    grep -q 'vm-boot: SHUTDOWN-HANG' "$log" && hung=" (the guest's shutdown hung: killed)"
+    BOOT_TIMES+=("[$TAG] boot $n (${init##*/}, $stage): $(el "$t")s$([ "$tag" = "$stage" ] || echo " (retried)")$hung")
     echo "=================== boot $n done in $(el "$t")s (rc $rc)"
 }
 

@@ -46,7 +46,8 @@
 #
 # Env: SUITE=trixie MIRROR=... ENGINE=qemu|uml ACCEL=tcg|kvm INIT=vm-init|systemd|/PATH BOOTS=1
 #      SMP=2 MEM=1024 EXTRA_PKGS=python3-pytest,... RESET_PERSIST=1 KEEP_GOING=1
-#      TCG_THREAD=single|multi APPEND="kernel options"
+#      TCG_THREAD=single|multi APPEND="kernel options" SHUTDOWN_GRACE=60 (seconds the guest
+#      may take to power off after the payload's exit marker before it is killed)
 # TCG_THREAD=single (default): QEMU's multi-threaded TCG (one host thread per vCPU, QEMU's
 # default) races with the guest kernel's live code patching (static keys, text_poke_bp's int3
 # protocol): a vCPU sometimes runs a stale translation of the patched code and hits an int3
@@ -364,11 +365,21 @@ for i in $(seq "$BOOTS"); do
     log "boot $i/$BOOTS (engine $ENGINE, accel $ACCEL, init $INIT)"
     set +e
     TIMEOUT=$TIMEOUT CMD=$CMD LOG="$RUN_DIR/$LOG_TAG-$i.log" python3 - <<'EOF'
-import os, re, subprocess, sys, time
+import os, re, signal, subprocess, sys, threading, time
 t0 = time.monotonic()
 p = subprocess.Popen(["timeout", os.environ["TIMEOUT"], "sh", "-c", os.environ["CMD"]],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                     start_new_session=True)
 first = start = None; rc = 125
+grace = float(os.environ.get("SHUTDOWN_GRACE", "60"))
+hung = []
+def shutdown_hang():
+    # the payload has ended and synced, the guest has not powered off: a hang of the guest's
+    # shutdown (seen once in systemd-shutdown after its loop-device step under TCG)
+    if p.poll() is None:
+        hung.append(time.monotonic() - t0)
+        os.killpg(p.pid, signal.SIGKILL)
+timer = None
 with open(os.environ["LOG"], "w") as log:
     for raw in p.stdout:
         line = raw.decode(errors="replace").rstrip("\r\n")
@@ -379,10 +390,20 @@ with open(os.environ["LOG"], "w") as log:
         if re.search(r"sysrq|reboot: Power down|mmapper_init", line): continue
         print(f"[{t:6.2f}] guest| {line}", flush=True)
         m = re.search(r"VM-TEST-EXIT: (\d+)", line)
-        if m: rc = int(m.group(1))
+        if m:
+            rc = int(m.group(1))
+            if timer is None:
+                timer = threading.Timer(grace, shutdown_hang); timer.daemon = True; timer.start()
 p.wait()
+if timer is not None: timer.cancel()
 total = time.monotonic() - t0
-if p.returncode == 124: rc = 124
+if hung:
+    msg = (f"vm-boot: SHUTDOWN-HANG: the guest was still running {grace:.0f}s after its payload "
+           f"ended; killed at {hung[0]:.2f}s (the payload's result stands)")
+    print(msg, flush=True)
+    with open(os.environ["LOG"], "a") as log:
+        log.write(f"[{hung[0]:7.2f}] {msg}\n")
+elif p.returncode == 124: rc = 124
 print(f"vm-boot: timing: first console output {first or 0:.2f}s, payload started {start or 0:.2f}s, "
       f"VM exited {total:.2f}s (engine rc={p.returncode}, payload rc={rc})", flush=True)
 sys.exit(rc)
