@@ -127,14 +127,19 @@ inside() {
     say "the work directory .systemd-etc-workdir is gone again (run/ holds overlayctl's lock):"
     run 'ls -A $ROOT/etc'
     run 'ls -A $ROOT'
-    say "One thing to know: deleting a file that comes from an extension leaves a whiteout"
-    say "(a 0:0 character device) in the upper layer, here the real /etc:"
+    say "Deleting a file that comes from an extension leaves a whiteout (a 0:0 character"
+    say "device) in the upper layer, here the real /etc, which hides it while merged:"
     run 'overlayctl --root=$ROOT confext merge --mutable=auto'
     run 'rm $ROOT/etc/demo.conf'
+    run 'overlayctl --root=$ROOT diff /etc'
+    say "At unmerge overlayctl drops such whiteouts (upstream leaves them in the plain /etc,"
+    say "where they hide the file at every later merge), so the next merge shows it again:"
     run 'overlayctl --root=$ROOT confext unmerge'
-    run 'ls -l $ROOT/etc/demo.conf'
-    say "As long as it is there, it hides demo.conf in every later merge. Remove it by hand:"
-    run 'rm $ROOT/etc/demo.conf $ROOT/etc/local.conf'
+    run_fails 'ls -l $ROOT/etc/demo.conf'
+    run 'overlayctl --root=$ROOT confext merge --mutable=auto'
+    run 'cat $ROOT/etc/demo.conf'
+    run 'overlayctl --root=$ROOT confext unmerge'
+    run 'rm $ROOT/etc/local.conf'
 
     heading "6. OS defaults under the real /etc (the Flatcar model), and what you changed"
     say "The OS ships its default /etc in /usr/share/factory/etc; --defaults puts it below"
