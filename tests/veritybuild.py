@@ -4,7 +4,9 @@ disk images (DDIs) laid out as systemd-repart lays them out (data partition UUID
 of the root hash, verity partition UUID = second half, a signature partition holding JSON
 padded with NUL bytes to a multiple of 4096).
 
-Used by tests/unit/test_verity.py and, on the host, by vm-tests/verity_smoke.py build.
+Used by tests/unit/test_verity.py, tests/integration/test_repart_ddi.py (repart_ddi: the
+same kinds of DDI made by upstream's systemd-repart) and, on the host, by
+vm-tests/verity_smoke.py and verity_guest.py build.
 Everything is written below the directory it is given; nothing is mounted."""
 
 from __future__ import annotations
@@ -194,3 +196,51 @@ def ddi(d: Path, name: str = "ddi", *, designator: str = "usr", sign_with: Key |
             f.seek(off)
             f.write(content)
     return Ddi(img, rh, du, vu)
+
+
+@dataclass
+class RepartDdi:
+    image: Path
+    root_hash: str                      # hex, as systemd-repart reports it
+    partitions: list[dict[str, object]]  # systemd-repart's --json=short rows
+
+
+def repart_ddi(repart: Path | str, d: Path, name: str, designator: str,
+               files: dict[str, str], key: Key | None) -> RepartDdi:
+    """D/NAME.raw: a DDI of FILES (plus NAME's release file, ID=_any) made by upstream's own
+    systemd-repart, offline on a plain file: a squashfs DESIGNATOR partition (usr: what is below
+    usr/, for a sysext; root: etc/, for a confext), its verity partition and, with KEY, its
+    signature partition."""
+    tree, defs = d / f"{name}.tree", d / f"{name}.defs"
+    top = "usr" if designator == "usr" else "etc"
+    release = (f"usr/lib/extension-release.d/extension-release.{name}" if top == "usr" else
+               f"etc/extension-release.d/extension-release.{name}")
+    for rel, text in {release: "ID=_any\n", **files}.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    defs.mkdir(parents=True)
+    copy = "/usr:/" if top == "usr" else "/etc:/etc"
+    (defs / "00-data.conf").write_text(
+        f"[Partition]\nType={designator}\nFormat=squashfs\nCopyFiles={copy}\nVerity=data\n"
+        "VerityMatchKey=data\nMinimize=best\n")
+    (defs / "01-hash.conf").write_text(
+        f"[Partition]\nType={designator}-verity\nVerity=hash\nVerityMatchKey=data\n"
+        "Minimize=best\n")
+    if key is not None:
+        (defs / "02-sig.conf").write_text(
+            f"[Partition]\nType={designator}-verity-sig\nVerity=signature\n"
+            "VerityMatchKey=data\n")
+    image = d / f"{name}.raw"
+    cmd = [str(repart), f"--definitions={defs}", "--empty=create", "--size=auto",
+           "--offline=yes", f"--copy-source={tree}", "--dry-run=no", "--json=short"]
+    if key is not None:
+        cmd += [f"--private-key={key.key}", f"--certificate={key.cert}"]
+    r = subprocess.run([*cmd, str(image)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"systemd-repart failed for {image}: {r.stderr.strip()}")
+    parts = json.loads(r.stdout)
+    hashes = {p.get("roothash") for p in parts}
+    if len(hashes) != 1:
+        raise RuntimeError(f"systemd-repart reported {len(hashes)} root hashes: {parts}")
+    (root_hash,) = hashes
+    return RepartDdi(image, str(root_hash), parts)

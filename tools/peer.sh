@@ -13,6 +13,8 @@
 # binaries need its own glibc, so the wrappers start them through the tree's dynamic loader:
 #
 #   DIR/bin/systemd-sysext-SUITE, DIR/bin/systemd-confext-SUITE, DIR/bin/varlinkctl-SUITE
+#   DIR/bin/systemd-repart-sid   upstream's image builder (with libcryptsetup for verity), for
+#                                the tests of verity DDIs as upstream makes them
 #   DIR/bin/peer-ns ROOT CMD...  CMD in a private mount namespace prepared as upstream needs it
 #
 # varlinkctl needs nothing beyond the systemd package (it is in it, with libsystemd-shared).
@@ -63,18 +65,34 @@ run_in() {
     "$tree/$ld" --library-path "$lib/systemd:$lib" "$tree/usr/bin/$bin" "$@"
 }
 
+packages() {  # packages SUITE: what debootstrap adds to minbase
+    case $1 in sid) echo systemd,systemd-repart,libcryptsetup12 ;; *) echo systemd ;; esac
+}
+
+add_repart() {  # add_repart: systemd-repart into a complete sid tree built before it was wanted
+    local root=$DIR/sid log=$DIR/apt-sid-repart.log
+    [ -e "$root/.peer-complete" ] && [ ! -e "$root/usr/bin/systemd-repart" ] || return 0
+    say "sid: installing systemd-repart and libcryptsetup12 into $root (log: $log)"
+    unshare -m --propagation private -- sh -c '
+        mount -t proc proc "$1/proc" && mount --bind /dev "$1/dev" &&
+        chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends systemd-repart libcryptsetup12' add-repart "$root" >"$log" 2>&1 \
+        || { tail -20 "$log" >&2; die "installing systemd-repart into $root failed" "see $log, or remove $root and run $0 again"; }
+    rm -f "$root"/var/cache/apt/archives/*.deb
+}
+
 build() {  # build SUITE: debootstrap DIR/SUITE unless it is complete
     local suite=$1 root=$DIR/$1 new=$DIR/$1.new log=$DIR/debootstrap-$1.log t0 mirror ver want
     [ -e "$root/.peer-complete" ] && return 0
     t0=$(date +%s.%N)
     need_debootstrap
     mirror=$(debian_mirror) || exit 1
-    say "debootstrap $suite minbase + systemd into $root (log: $log)"
+    say "debootstrap $suite minbase + $(packages "$suite") into $root (log: $log)"
     rm -rf "$new"
     # debootstrap mounts /proc (and more) inside the tree: keep those mounts in a namespace
     # that dies with it, even when it fails halfway.
     unshare -m --propagation private -- \
-        debootstrap --variant=minbase --include=systemd "$suite" "$new" "$mirror" >"$log" 2>&1 \
+        debootstrap --variant=minbase --include="$(packages "$suite")" "$suite" "$new" "$mirror" >"$log" 2>&1 \
         || { tail -20 "$log" >&2; die "debootstrap $suite failed" "see $log; the mirror was $mirror"; }
     rm -f "$new"/var/cache/apt/archives/*.deb
     ver=$(run_in "$new" systemd-sysext --version | head -1) \
@@ -117,10 +135,20 @@ wrappers() {  # wrappers SUITE
 exec "$ld" --library-path "$lib/systemd:$lib" "$bin" "\$@"
 EOF
     done
+    [ "$suite" = sid ] || return 0
+    # systemd-repart runs the host's mksquashfs and mkfs.erofs (found on PATH) and dlopen()s
+    # the tree's libcryptsetup for the verity hash tree
+    put "$DIR/bin/systemd-repart-sid" <<EOF
+#!/bin/sh
+# systemd-repart of Debian sid, $ver, written by overlayctl's tools/peer.sh: run with the
+# tree's own loader and libraries (its glibc is newer than the host's).
+exec "$ld" --library-path "$lib/systemd:$lib" "$root/usr/bin/systemd-repart" "\$@"
+EOF
 }
 
 for s in "${SUITES[@]}"; do
     build "$s"
+    [ "$s" = sid ] && add_repart
     wrappers "$s"
 done
 

@@ -179,6 +179,19 @@ case " $SEQUENCES " in *" usr-dpkg@"*)
     fi ;;
 esac
 
+# ------------------------------------------------------------------ upstream's systemd-repart
+# verity_guest.py build makes two of its DDIs with systemd 262's own systemd-repart, from
+# tools/peer.sh's cache (.ci/run's test suite builds it before; here it is built when missing,
+# which needs Debian's package mirror once).
+case " $SEQUENCES " in *" main@"*)
+    if ! "$REPO/tools/peer.sh" >"$CACHE/peer.log" 2>&1; then
+        tail -5 "$CACHE/peer.log" >&2
+        echo "vm-tests: FAILED: tools/peer.sh could not provide upstream's systemd-repart (see $CACHE/peer.log)" >&2
+        echo "0 passed, 1 failed"
+        exit 3
+    fi ;;
+esac
+
 run_sequence() {  # run_sequence SCENARIO@KERNEL_SUITE: that scenario's boots on a fresh copy of the root
 SC=${1%@*} KS=${1#*@}
 NAME=$(seq_name "$1")

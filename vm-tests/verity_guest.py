@@ -33,7 +33,10 @@ status is 0 only if nothing failed. The scenarios:
    `ln -s /etc /var/lib/extensions.mutable/etc`, `confext merge --mutable=yes`: the image's
    files in /etc, new and changed files land in the real /etc and stay after unmerge, the
    image's untouched files go, no dm device left;
-7. verity_smoke.py run DIR/smoke (dm.py directly: table, status, EBUSY on a second device,
+7. DDIs made by upstream's own systemd-repart (systemd 262, tools/peer.sh's
+   systemd-repart-sid on the host): a signed usr sysext and a signed root confext activate,
+   verify in userspace and merge in one call; their root hashes are the ones repart reported;
+8. verity_smoke.py run DIR/smoke (dm.py directly: table, status, EBUSY on a second device,
    the kernel's refusal of the throw-away key), counted as one check.
 """
 
@@ -145,6 +148,22 @@ def build(out: Path) -> int:
     vb.sign(rh, alpha, img / "flatcar.roothash.p7s")
     cases["flatcar"] = {"files": ["flatcar.raw", "flatcar.roothash", "flatcar.roothash.p7s",
                                   "flatcar.verity"], "root_hash": rh.hex(), "signed": True}
+    # DDIs made by upstream's systemd-repart (262), signed with alpha: a sysext and a confext
+    repart = os.environ.get("OVERLAYCTL_REPART") or str(
+        Path(os.environ.get("OVERLAYCTL_PEER_DIR", "/var/cache/overlayctl/peer"))
+        / "bin/systemd-repart-sid")
+    if not os.access(repart, os.X_OK):
+        print(f"verity_guest.py build: no upstream systemd-repart at {repart} (hint: run "
+              "tools/peer.sh, or set OVERLAYCTL_REPART)", file=sys.stderr)
+        return 1
+    for name, designator, rel in (("vrepart", "usr", "usr/share/vguest/vrepart"),
+                                  ("vrepartconf", "root", "etc/vguest/vrepartconf.conf")):
+        x = vb.repart_ddi(repart, img / f"{name}.work", name, designator,
+                          {rel: f"{name}\n"}, alpha)
+        shutil.move(str(x.image), img / f"{name}.raw")
+        shutil.rmtree(img / f"{name}.work")
+        cases[name] = {"files": [f"{name}.raw"], "root_hash": x.root_hash, "signed": True,
+                       "ddi": True, "repart": True}
     for k in (alpha, bravo):
         k.key.unlink()          # the guest needs only the certificates
     (out / "manifest.json").write_text(json.dumps({"trusted": "keys/alpha.crt",
@@ -469,6 +488,44 @@ def scenario_flatcar(g: Guest) -> None:
         os.unlink(confexts / f)
 
 
+def scenario_repart(g: Guest) -> None:
+    """Signed DDIs as upstream's systemd-repart makes them: a usr sysext and a root confext,
+    merged in one call."""
+    if "vrepart" not in g.m["cases"]:
+        check("repart: the build made the systemd-repart DDIs", False, "not in the manifest")
+        return
+    before = loops()
+    root = g.root("vrepart")
+    conf = root / "var/lib/confexts"
+    conf.mkdir(parents=True)
+    shutil.copy(g.base / "img/vrepartconf.raw", conf / "vrepartconf.raw")
+    r = oc(root, "merge")
+    if not check("repart: sysext and confext DDIs merge", r.returncode == 0, r.stderr[-2000:]):
+        return
+    try:
+        for rel, text in (("usr/share/vguest/vrepart", "vrepart\n"),
+                          ("etc/vguest/vrepartconf.conf", "vrepartconf\n")):
+            p = root / rel
+            check(f"repart: /{rel} reads", p.exists() and p.read_text() == text)
+        for hier, cls, n, d in (("/usr", "sysext", "vrepart", "usr"),
+                                ("/etc", "confext", "vrepartconf", "root")):
+            prot = status_of(root, hier, cls).get("protection") or {}
+            assert isinstance(prot, dict)
+            p = prot.get(n) or {}
+            check(f"repart: status says {n} is signed (userspace), partition {d}, "
+                  "repart's root hash",
+                  p.get("protection") == "signed" and p.get("signature") == "userspace"
+                  and p.get("designator") == d and p.get("root_hash") == g.rh(n), repr(p))
+        devs = verity_devices()
+        check("repart: one <roothash>-verity device per image",
+              set(devs) == {f"{g.rh('vrepart')}-verity", f"{g.rh('vrepartconf')}-verity"},
+              repr(devs))
+    finally:
+        r = oc(root, "unmerge")
+        check("repart: unmerge", r.returncode == 0, r.stderr)
+    settled(before, "repart: after unmerge")
+
+
 def run(base: Path) -> int:
     from overlayctl import dm
 
@@ -494,6 +551,7 @@ def run(base: Path) -> int:
     scenario_refresh(g)
     if have_crypto:
         scenario_flatcar(g)
+        scenario_repart(g)
     check("in the end: no dm-verity device", not verity_devices(), repr(verity_devices()))
     check("in the end: no loop device", loops() == loops_at_start, repr(loops()))
     smoke = base / "smoke"
