@@ -77,7 +77,8 @@ add_repart() {  # add_repart: systemd-repart into a complete sid tree built befo
         mount -t proc proc "$1/proc" && mount --bind /dev "$1/dev" &&
         chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
             --no-install-recommends systemd-repart libcryptsetup12' add-repart "$root" >"$log" 2>&1 \
-        || { tail -20 "$log" >&2; die "installing systemd-repart into $root failed" "see $log, or remove $root and run $0 again"; }
+        || { say "installing into the old tree failed (its package lists may be gone from the mirror; see $log): building it anew"
+             rm -rf "$root"; build sid; return 0; }
     rm -f "$root"/var/cache/apt/archives/*.deb
 }
 
