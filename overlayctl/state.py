@@ -41,21 +41,29 @@ def state_path(root: str, cls_name: str, hierarchy: str, suffix: str = ".json") 
 def atomic_write(path: str, text: str, *, sync: bool = True) -> None:
     """Write PATH whole or not at all (a temporary file renamed over it). A file that
     already holds TEXT is left as it is: a boot that merges what the last one merged writes
-    nothing, and waits for no fsync."""
+    nothing, and waits for no fsync. File names that are not UTF-8 (surrogate escapes in
+    TEXT) are written as the bytes they were read as."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             if f.read(len(text) + 1) == text:
                 return
     except (OSError, ValueError):
         pass
     os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def dump(value: Any) -> str:
@@ -345,7 +353,24 @@ def load_dirs(root: str, cls_name: str, hierarchy: str) -> DirsRecord | None:
 
 
 def save_dirs(root: str, cls_name: str, hierarchy: str, rec: DirsRecord) -> None:
-    atomic_write(state_path(root, cls_name, hierarchy, ".dirs"), rec.to_text())
+    """Write REC, with an fsync unless the file on disk differs only in `since`: the usual
+    boot, which merges the lower directories of the last one. A power cut may then lose the
+    write and leave the record of that earlier merge, which tells hygiene the same (`since`
+    is trusted only against a live merge, and a power cut ends it)."""
+    path = state_path(root, cls_name, hierarchy, ".dirs")
+    text = rec.to_text()
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            old = f.read(len(text) + 64)
+    except OSError:
+        old = ""
+    atomic_write(path, text, sync=_but_since(old) != _but_since(text))
+
+
+def _but_since(text: str) -> list[str]:
+    """The lines of a DirsRecord's text but its `since` line (the second)."""
+    lines = text.split("\n")
+    return lines[:1] + lines[2:] if len(lines) > 1 and lines[1].startswith("since ") else lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -549,3 +549,26 @@ def test_merge_of_the_real_usr_stays_lean(host: Host) -> None:
     assert "overlayctl.hygiene" in loaded
     assert not set(loaded) & {"overlayctl.upper", "overlayctl.manifest", "overlayctl.local"}
     host.unmerge()
+
+
+@pytest.mark.parametrize("host_upper", [True, False])
+def test_directory_names_that_are_not_utf8(root: Root, host_upper: bool) -> None:
+    """An extension's directory whose name is not UTF-8 goes into the directory record as
+    the bytes it is (it failed a writable merge with an internal error after mounting, and
+    left a temporary file behind)."""
+    Host(root, link=host_upper)
+    ext = os.fsencode(str(root / "var/lib/extensions/base/usr/share"))
+    os.makedirs(os.path.join(ext, b"bad\xffname", b"sub"))
+    with open(os.path.join(ext, b"bad\xffname", b"sub", b"f"), "w") as f:
+        f.write("x\n")
+    for _ in range(2):                     # written, then read back at the next merge
+        root.run("sysext", "merge", "--mutable=yes", check=True)
+        try:
+            shown = os.fsencode(str(root / "usr/share"))
+            with open(os.path.join(shown, b"bad\xffname", b"sub", b"f")) as f:
+                assert f.read() == "x\n"
+        finally:
+            root.run("sysext", "unmerge", check=True)
+    rec = state.load_dirs(str(root.path), "sysext", "/usr")
+    assert rec is not None and "bad\udcffname" in rec.dirs["share"]
+    assert not [n for n in os.listdir(root / "var/lib/overlayctl/sysext") if ".tmp." in n]

@@ -50,3 +50,29 @@ def test_damage_is_no_record() -> None:
     assert DirsRecord.from_text('{"version": 1}') is None
     assert DirsRecord.from_text("overlayctl-dirs 1\nsince x\n") is None
     assert DirsRecord.from_text("overlayctl-dirs 1\nupper /usr\n") is None   # no since
+
+
+def test_fsync_only_when_more_than_the_merge_time_changed(tmp_path: Any,
+                                                          monkeypatch: Any) -> None:
+    """A boot that merges the lower directories of the last one writes a new `since` without
+    waiting for the disk; any other change is synced."""
+    import os
+
+    from overlayctl import state
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    root = str(tmp_path)
+    state.save_dirs(root, "sysext", "/usr", rec(since=1, dirs={"lib": {}}))
+    assert len(synced) == 1                                   # new: synced
+    state.save_dirs(root, "sysext", "/usr", rec(since=2, dirs={"lib": {}}))
+    assert len(synced) == 1                                   # only since: not synced
+    assert state.load_dirs(root, "sysext", "/usr") == rec(since=2, dirs={"lib": {}})
+    state.save_dirs(root, "sysext", "/usr", rec(since=3, dirs={"lib": {}, "share": {}}))
+    assert len(synced) == 2                                   # the directories: synced
+    state.save_dirs(root, "sysext", "/usr", rec(since=3, dirs={"lib": {}, "share": {}},
+                                                 clean=True))
+    assert len(synced) == 3                                   # a flag: synced
+    state.save_dirs(root, "sysext", "/usr", rec(since=3, dirs={"lib": {}, "share": {}},
+                                                 clean=True))
+    assert len(synced) == 3                                   # nothing: not even written
