@@ -66,6 +66,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vmcheck import Checks  # beside this script, in the payload too
+
+CHECKS = Checks()
+say, check = CHECKS.say, CHECKS.check
+
 ROOT = "/"
 OL: list[str] = ["/usr/bin/overlayctl"]       # from the Debian package
 SIMULATED = False
@@ -76,7 +82,6 @@ DEFAULTS = "/usr/share/flatcar/etc"
 STATE = "/var/lib/flatcar-vm"
 SITE = "/var/lib/confexts/site.raw"
 RELEASE = "extension-release.d/extension-release.site"
-failed = 0
 T0 = time.monotonic()
 
 WRAPPER_SH = """#!/bin/sh
@@ -103,17 +108,6 @@ def R(path: str) -> str:
     return os.path.join(ROOT, path.lstrip("/")) if ROOT != "/" else path
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def check(name: str, cond: object, detail: str = "") -> bool:
-    global failed
-    ok = bool(cond)
-    if not ok:
-        failed += 1
-    say(f"CHECK {'PASS' if ok else 'FAIL'} {name} :: {detail}")
-    return ok
 
 
 def run(argv: list[str], show: bool = True) -> tuple[int, str, str]:
@@ -252,6 +246,8 @@ def stage_install() -> None:
         run(["systemd-machine-id-setup"])
         os.makedirs(HERE_LIB, exist_ok=True)
         shutil.copy(os.path.abspath(__file__), f"{HERE_LIB}/flatcar_commit_guest.py")
+        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vmcheck.py"),
+                    f"{HERE_LIB}/vmcheck.py")
         write(WRAPPER, WRAPPER_SH.replace("@HERE@", HERE_LIB), 0o755)
     rc, out, _ = ol("--version")
     check("install: overlayctl runs", rc == 0 and out.startswith("overlayctl"), out.strip())
@@ -493,10 +489,10 @@ def main() -> int:
             say(f"  | {line}")
         check(f"{args.stage}: guest script completed", False, repr(e))
     say(f"flatcar_commit_guest.py {args.stage}: done in {time.monotonic() - T0:.1f}s, "
-        f"{failed} failed")
+        f"{CHECKS.failed} failed")
     sys.stdout.flush()
     os.sync()
-    return 1 if failed else 0
+    return 1 if CHECKS.failed else 0
 
 
 if __name__ == "__main__":

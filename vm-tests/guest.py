@@ -23,6 +23,12 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vmcheck import Checks  # beside this script, in the payload too
+
+CHECKS = Checks()
+say, check = CHECKS.say, CHECKS.check
+
 P = "/payload"
 OL = "/usr/bin/overlayctl"           # installed by the Debian package (payload/overlayctl_*.deb)
 UNIT_DIR = "/usr/lib/systemd/system"
@@ -35,21 +41,9 @@ PACKAGE_UNITS = {
 }
 STATE = "/var/lib/vmtest"            # on the persistent root: results handed from boot to boot
 DEFAULTS = "/usr/share/vmtest/etc-defaults"
-failed = 0
 T0 = time.monotonic()
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def check(name: str, cond: object, detail: str = "") -> bool:
-    global failed
-    ok = bool(cond)
-    if not ok:
-        failed += 1
-    say(f"CHECK {'PASS' if ok else 'FAIL'} {name} :: {detail}")
-    return ok
 
 
 def sh(cmd: str, show: bool = True, quiet_ok: bool = False) -> tuple[int, str]:
@@ -734,10 +728,10 @@ def main() -> int:
         for line in traceback.format_exc().splitlines():
             say(f"  | {line}")
         check(f"{stage}: guest script completed", False, repr(e))
-    say(f"guest.py {stage}: done in {time.monotonic() - T0:.1f}s, {failed} failed")
+    say(f"guest.py {stage}: done in {time.monotonic() - T0:.1f}s, {CHECKS.failed} failed")
     sys.stdout.flush()
     os.sync()
-    return 1 if failed else 0
+    return 1 if CHECKS.failed else 0
 
 
 if __name__ == "__main__":

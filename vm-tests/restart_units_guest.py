@@ -42,26 +42,18 @@ import shutil
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vmcheck import Checks  # beside this script, in the payload too
+
+CHECKS = Checks("restart-units: ")
+say, check = CHECKS.say, CHECKS.check
+
 OL = sys.argv[1] if len(sys.argv) > 1 else (shutil.which("overlayctl") or "overlayctl")
 RUN_UNITS = "/run/systemd/system"
 EXTS = "/var/lib/extensions"
 HOST = "rt-host.service"
 EXT = "rt-ext.service"
 STAMPS = "/run/rt-test"
-failed = 0
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def check(name: str, cond: object, detail: str = "") -> bool:
-    global failed
-    ok = bool(cond)
-    if not ok:
-        failed += 1
-    say(f"CHECK {'PASS' if ok else 'FAIL'} restart-units: {name} :: {detail}")
-    return ok
 
 
 def sh(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -295,8 +287,8 @@ def main() -> int:
         sh("systemctl", "daemon-reload")
         if was_merged:
             ol("sysext", "refresh")
-    say(f"restart_units_guest: {failed} failed")
-    return 1 if failed else 0
+    say(f"restart_units_guest: {CHECKS.failed} failed")
+    return 1 if CHECKS.failed else 0
 
 
 if __name__ == "__main__":

@@ -262,6 +262,7 @@ flatcar)
     printf '#!/bin/sh\nexec python3 /payload/flatcar_commit_guest.py "$(cat /payload/stage)"\n' >"$PL/run"
     ;;
 esac
+cp "$HERE/vmcheck.py" "$PL/"      # the CHECK lines of every guest script
 chmod +x "$PL/run"
 say "run directory $RUN prepared in $(el "$t")s"
 

@@ -56,6 +56,12 @@ import subprocess
 import sys
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vmcheck import Checks  # beside this script, in the payload too
+
+CHECKS = Checks("usr-dpkg ")
+say, check = CHECKS.say, CHECKS.check
+
 P = "/payload"
 OL = "/usr/bin/overlayctl"             # from the Debian package in the payload
 STATE = "/var/lib/vmtest/usr-dpkg"
@@ -64,20 +70,8 @@ EXT = "/var/lib/extensions"
 EXT_HELLO = "#!/bin/sh\necho 'hello from the tools extension'\n"
 PKG_HELLO = "Hello, world!"
 PC = "/usr/share/pkgconfig/pc-ext.pc"
-failed = 0
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def check(name: str, cond: object, detail: str = "") -> bool:
-    global failed
-    ok = bool(cond)
-    if not ok:
-        failed += 1
-    say(f"CHECK {'PASS' if ok else 'FAIL'} usr-dpkg {name} :: {detail}")
-    return ok
 
 
 def sh(cmd: str) -> tuple[int, str]:
@@ -328,7 +322,7 @@ def main() -> int:
         check(f"{stage}: guest script completed", False, repr(e))
     sys.stdout.flush()
     os.sync()
-    return 1 if failed else 0
+    return 1 if CHECKS.failed else 0
 
 
 if __name__ == "__main__":
