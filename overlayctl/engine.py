@@ -432,9 +432,11 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
         for h, t in p.drop:
             live.unmerge_one(locked, s.replace(hierarchies=(h,)), h, t)
         for b in p.staged.built if p.staged else []:
-            faults.checkpoint("record", b.plan.hierarchy)
             log.info(f"Merged extensions into '{b.plan.target}'.")
+            # Past the last attach nothing is undone: a record that cannot be saved (an I/O
+            # error, a name it cannot hold) is a warning, and the merge stands.
             try:
+                faults.checkpoint("record", b.plan.hierarchy)
                 state.save_record(s.root, b.record)
                 m = p.manifests.get(b.plan.hierarchy)
                 if m is not None:
@@ -446,9 +448,9 @@ def _commit(locked: Locked, prepared: list[Prepared]) -> None:
                     log.debug(f"hygiene of {b.plan.hierarchy}: {len(hy.cleared)} opaque "
                               f"markers cleared, {hy.examined} directories examined, "
                               f"{len(hy.deliberate)} deliberate, in {hy.ms:.1f} ms")
-            except OSError as e:
-                log.warning(f"Could not save the merge record of {b.plan.hierarchy}: "
-                            f"{e.strerror}")
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                log.warning(f"Could not save the merge record of {b.plan.hierarchy}: {why}")
         state.drop_journal(p.journal)
         actions = actions + p.actions
     apply_actions(actions)

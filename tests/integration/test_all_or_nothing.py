@@ -238,3 +238,23 @@ def test_refresh_failing_between_two_swaps_restores_both(two: Root) -> None:
 
 def mountinfo_overlays(path: Path) -> list[mountinfo.Mount]:
     return [m for m in mountinfo.read() if m.mountpoint == str(path) and m.fstype == "overlay"]
+
+
+@pytest.mark.parametrize("at", ["record@/usr", "record@/opt"])
+def test_past_the_last_attach_a_record_that_cannot_be_saved_is_a_warning(two: Root,
+                                                                         at: str) -> None:
+    """Once every hierarchy is attached nothing is undone: a failure to save a record is a
+    warning, the call succeeds, and the merge is whole (it exited 1 with both hierarchies
+    merged, telling the user the merge had failed)."""
+    r = two.run("sysext", "merge", env={"OVERLAYCTL_FAULT_ERROR": at})
+    try:
+        assert r.returncode == 0, r.stderr
+        hier = at.split("@")[1]
+        assert f"warning: Could not save the merge record of {hier}: injected failure" \
+            in r.stderr
+        st = status(two)
+        assert st["/usr"]["merged"] and st["/opt"]["merged"]
+        assert not (two / "run/overlayctl/sysext.merging").exists()
+    finally:
+        two.run("sysext", "unmerge", check=True)
+    assert not status(two)["/usr"]["merged"] and not status(two)["/opt"]["merged"]
