@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -113,3 +114,15 @@ def no_mounts_below(root: Root) -> bool:
 # Run a test on both mount paths: the new mount API and mount(2) (OVERLAYCTL_LEGACY_MOUNT).
 LEGACY = {"OVERLAYCTL_LEGACY_MOUNT": "1"}
 APIS = pytest.mark.parametrize("env", [{}, LEGACY], ids=["new-api", "legacy"])
+
+
+def whiteouts(top: Path) -> list[str]:
+    """Every 0:0 character device below TOP, relative to it (what a user of the plain tree
+    trips over)."""
+    out = []
+    for d, dirs, files in os.walk(top):
+        for n in dirs + files:
+            st = os.lstat(os.path.join(d, n))
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                out.append(os.path.relpath(os.path.join(d, n), top))
+    return sorted(out)

@@ -25,14 +25,13 @@ namespace, and asserts both results: 6 of 6 for overlayctl, and the 2 of 6 that 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.debtree import CHROOT_ENV, CHROOT_SCRIPT, DebTree
-from tests.integration.olhelpers import overlays_at
+from tests.integration.olhelpers import overlays_at, whiteouts
 from tests.integration.peer import need_peer, run_plan, upstream_peer
 
 pytestmark = pytest.mark.root
@@ -63,16 +62,6 @@ def setup_tree(t: DebTree) -> dict[str, str]:
 
 def add_modconf(t: DebTree) -> None:
     t.sysext("modconf", {"usr/lib/modprobe.d/ext.conf": MODCONF})
-
-
-def whiteouts(usr: Path) -> list[str]:
-    out = []
-    for d, dirs, files in os.walk(usr):
-        for n in dirs + files:
-            st = os.lstat(os.path.join(d, n))
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                out.append("/usr/" + os.path.relpath(os.path.join(d, n), usr))
-    return sorted(out)
 
 
 def verify(t: DebTree) -> str:

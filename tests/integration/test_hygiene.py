@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 from overlayctl import state
 from overlayctl.state import DirsRecord
 from tests.conftest import REPO, Result, Root
-from tests.integration.olhelpers import overlays_at, status_json
+from tests.integration.olhelpers import overlays_at, status_json, whiteouts
 from tests.integration.peer import need_peer, run_plan, upstream_peer
 
 pytestmark = pytest.mark.root
@@ -34,17 +33,6 @@ def opaque(p: Path) -> bool:
         return os.getxattr(p, OPAQUE, follow_symlinks=False) == b"y"
     except OSError:
         return False
-
-
-def whiteouts(top: Path) -> list[str]:
-    """Every 0:0 character device below TOP (what a user of the plain tree trips over)."""
-    out = []
-    for d, dirs, files in os.walk(top):
-        for n in dirs + files:
-            st = os.lstat(os.path.join(d, n))
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                out.append(os.path.relpath(os.path.join(d, n), top))
-    return sorted(out)
 
 
 class Host:
